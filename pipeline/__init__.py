@@ -1,0 +1,1 @@
+"""MovieLens recommender pipeline: one module per DVC stage plus shared helpers."""

@@ -1,0 +1,85 @@
+"""Shared stage plumbing: user-facing errors, logging, and atomic output writing."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+
+class PipelineError(Exception):
+    """A problem the user can fix (bad input file, bad param, missing data): printed, not traced."""
+
+
+def run_stage(main: Callable[[], None]) -> None:
+    """Run a stage's main(); turn PipelineError into one clear line on stderr and exit status 2."""
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
+    try:
+        main()
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def _tmp_sibling(path: Path, is_dir: bool) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if is_dir:
+        return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of `path`; move it into place only if the block succeeds.
+
+    A crash or an exception leaves any previous `path` untouched and no half-written file behind.
+    """
+    path = Path(path)
+    tmp = _tmp_sibling(path, is_dir)
+    try:
+        yield tmp
+        if is_dir:
+            os.chmod(tmp, 0o755)
+            old = None
+            if path.exists():
+                old = path.with_name(f".{path.name}.old")
+                _remove(old)
+                os.replace(path, old)
+            os.replace(tmp, path)
+            if old is not None:
+                _remove(old)
+        else:
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            _remove(tmp)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write `obj` as indented JSON with a trailing newline, atomically."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write UTF-8 text atomically."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

@@ -1,0 +1,102 @@
+"""On-disk formats shared by the stages: the split, the candidate lists, the id maps."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from pipeline.common import PipelineError, atomic_output
+
+TRAIN_FILE = "train.npz"  # scipy CSR [n_users x n_items], 1.0 where the user interacted in train
+HELDOUT_FILE = "heldout.npz"  # validation and test (user, item) pairs, one per evaluated user
+USERS_FILE = "users.csv"  # user_index -> original MovieLens user_id
+ITEMS_FILE = "items.csv"  # item_index -> original MovieLens movie_id and title
+
+
+@dataclass
+class Split:
+    """Leave-one-out split with 0-based contiguous ids: train matrix plus held-out pairs."""
+
+    train: sp.csr_matrix
+    val_users: np.ndarray
+    val_items: np.ndarray
+    test_users: np.ndarray
+    test_items: np.ndarray
+
+    @property
+    def n_users(self) -> int:
+        return self.train.shape[0]
+
+    @property
+    def n_items(self) -> int:
+        return self.train.shape[1]
+
+    def all_interactions(self) -> sp.csr_matrix:
+        """Return a binary CSR of every train, validation and test interaction (sorted indices)."""
+        rows = np.concatenate([self.val_users, self.test_users])
+        cols = np.concatenate([self.val_items, self.test_items])
+        heldout = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=self.train.shape)
+        both = (self.train + heldout).tocsr()
+        both.data[:] = 1.0
+        both.sort_indices()
+        return both
+
+
+@dataclass
+class Candidates:
+    """Ranking candidates: items[:, 0] is each user's held-out item, the rest sampled negatives."""
+
+    users: np.ndarray  # (m,)
+    items: np.ndarray  # (m, 1 + negatives)
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        raise PipelineError(f"{path}: not found; run the stage that produces it first (dvc repro)")
+    return path
+
+
+def save_split(out_dir: Path, split: Split, users: pd.DataFrame, items: pd.DataFrame) -> None:
+    """Write the split and id maps into out_dir as one atomic directory."""
+    with atomic_output(out_dir, is_dir=True) as tmp:
+        sp.save_npz(tmp / TRAIN_FILE, split.train.tocsr(), compressed=True)
+        np.savez_compressed(
+            tmp / HELDOUT_FILE,
+            val_users=split.val_users, val_items=split.val_items,
+            test_users=split.test_users, test_items=split.test_items,
+        )
+        users.to_csv(tmp / USERS_FILE, index=False, lineterminator="\n")
+        items.to_csv(tmp / ITEMS_FILE, index=False, lineterminator="\n")
+
+
+def load_split(prepared_dir: str | Path) -> Split:
+    """Read the split written by build_matrix."""
+    prepared_dir = Path(prepared_dir)
+    train = sp.load_npz(_need(prepared_dir / TRAIN_FILE)).tocsr()
+    train.sort_indices()
+    with np.load(_need(prepared_dir / HELDOUT_FILE)) as z:
+        return Split(train, z["val_users"], z["val_items"], z["test_users"], z["test_items"])
+
+
+def load_id_maps(prepared_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Return the (users, items) id maps written by build_matrix."""
+    prepared_dir = Path(prepared_dir)
+    users = pd.read_csv(_need(prepared_dir / USERS_FILE))
+    items = pd.read_csv(_need(prepared_dir / ITEMS_FILE), keep_default_na=False)
+    return users, items
+
+
+def save_candidates(path: Path, cands: Candidates) -> None:
+    """Write one candidate set (validation or test) atomically."""
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, users=cands.users, items=cands.items)
+
+
+def load_candidates(path: str | Path) -> Candidates:
+    """Read a candidate set written by sample_negatives."""
+    with np.load(_need(Path(path))) as z:
+        return Candidates(z["users"], z["items"])

@@ -1,0 +1,146 @@
+"""Load and validate params.yaml once: types, ranges, unknown keys, cross-key rules.
+
+DVC writes some values in a form PyYAML reads as strings (`dvc exp run -S lr=0.00001` writes
+`lr: 1e-05`), so numbers given as strings are accepted and converted.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.common import PipelineError
+
+PARAMS_FILE = "params.yaml"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One top-level key of params.yaml: its kind ('int', 'float' or 'int_list') and range."""
+
+    kind: str
+    low: float
+    high: float
+    low_open: bool = False  # True: the value must be strictly greater than `low`
+    high_open: bool = False  # True: the value must be strictly less than `high`
+
+    def describe(self) -> str:
+        lo = "(" if self.low_open else "["
+        hi = ")" if self.high_open else "]"
+        what = {"int": "an integer", "float": "a number", "int_list": "a list of integers, each"}[self.kind]
+        return f"{what} in {lo}{_fmt(self.low)}, {_fmt(self.high)}{hi}"
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+SPECS: dict[str, Spec] = {
+    "seed": Spec("int", 0, 2**32 - 1),
+    "layers": Spec("int_list", 1, 65536),
+    "lr": Spec("float", 0.0, 1.0, low_open=True),
+    "weight_decay": Spec("float", 0.0, 1.0),
+    "dropout": Spec("float", 0.0, 1.0, high_open=True),
+    "batch_size": Spec("int", 1, 2**24),
+    "epochs": Spec("int", 1, 10000),
+    "negatives": Spec("int", 1, 1000),
+    "test_negatives": Spec("int", 1, 100000),
+    "topK": Spec("int", 1, 100001),
+}
+
+
+def _to_int(key: str, value: Any, spec: Spec) -> int:
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PipelineError(f"{PARAMS_FILE}: '{key}' must be {spec.describe()}, got {value!r}")
+    return value
+
+
+def _to_float(key: str, value: Any, spec: Spec) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise PipelineError(f"{PARAMS_FILE}: '{key}' must be {spec.describe()}, got {value!r}")
+    return float(value)
+
+
+def _check_range(key: str, value: float, spec: Spec, shown: Any) -> None:
+    too_low = value <= spec.low if spec.low_open else value < spec.low
+    too_high = value >= spec.high if spec.high_open else value > spec.high
+    if too_low or too_high:
+        raise PipelineError(f"{PARAMS_FILE}: '{key}' must be {spec.describe()}, got {shown!r}")
+
+
+def _convert(key: str, value: Any) -> Any:
+    spec = SPECS[key]
+    if spec.kind == "int_list":
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                pass
+        if not isinstance(value, list) or not value:
+            raise PipelineError(f"{PARAMS_FILE}: '{key}' must be a non-empty list of integers, got {value!r}")
+        items = [_to_int(key, v, spec) for v in value]
+        for v in items:
+            _check_range(key, v, spec, value)
+        return items
+    convert = _to_int if spec.kind == "int" else _to_float
+    number = convert(key, value, spec)
+    _check_range(key, number, spec, value)
+    return number
+
+
+def validate(raw: Any, source: str = PARAMS_FILE) -> dict[str, Any]:
+    """Return the params with every key converted and checked; raise PipelineError naming the key."""
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{source}: expected a mapping of top-level keys, got {type(raw).__name__}")
+    unknown = sorted(str(k) for k in raw if k not in SPECS)
+    if unknown:
+        raise PipelineError(
+            f"{source}: unknown key(s) {', '.join(repr(k) for k in unknown)}; "
+            f"known keys: {', '.join(SPECS)}"
+        )
+    missing = [k for k in SPECS if k not in raw]
+    if missing:
+        raise PipelineError(f"{source}: missing key(s) {', '.join(repr(k) for k in missing)}")
+    params = {key: _convert(key, raw[key]) for key in SPECS}
+    if params["layers"][0] % 2:
+        raise PipelineError(
+            f"{source}: 'layers' first entry must be even (it is split into a user and an item "
+            f"embedding of layers[0]/2 each), got {params['layers'][0]}"
+        )
+    candidates = params["test_negatives"] + 1
+    if params["topK"] > candidates:
+        raise PipelineError(
+            f"{source}: 'topK' must be at most test_negatives + 1 = {candidates} "
+            f"(the size of each candidate list), got {params['topK']}"
+        )
+    return params
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
+    """Read and validate params.yaml; return every key, converted."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: not found (run from the repository root)") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise PipelineError(f"{path}:{where}: not valid YAML: {problem}") from None
+    return validate(raw, str(path))

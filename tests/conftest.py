@@ -1,0 +1,44 @@
+"""Shared fixtures: the repository root, a generated MovieLens-shaped archive, the real data."""
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def write_movielens_zip(directory: Path, n_users: int = 60, n_items: int = 120, seed: int = 0) -> Path:
+    """Write directory/ml-100k.zip with a generated u.data and a latin-1 u.item; return the zip path.
+
+    Users rate 8..30 items each, drawn with a long-tailed popularity, on random timestamps with
+    deliberate ties, so the split's tie rule and the samplers' exclusions are exercised.
+    """
+    rng = np.random.default_rng(seed)
+    popularity = 1.0 / np.arange(1, n_items + 1) ** 0.8
+    popularity /= popularity.sum()
+    lines = []
+    for user in range(1, n_users + 1):
+        count = int(rng.integers(8, 31))
+        items = rng.choice(np.arange(1, n_items + 1), size=count, replace=False, p=popularity)
+        stamps = 880_000_000 + rng.integers(0, 40, size=count) * 1000  # few distinct values: ties
+        for item, stamp in zip(items, stamps):
+            lines.append(f"{user}\t{item}\t{int(rng.integers(1, 6))}\t{stamp}\n")
+    titles = "".join(f"{i}|Mis\xe9rables {i} (1995)|01-Jan-1995||http://x|0|1\n" for i in range(1, n_items + 1))
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "ml-100k.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("ml-100k/u.data", "".join(lines))
+        zf.writestr("ml-100k/u.item", titles.encode("latin-1"))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_mirror(tmp_path_factory) -> Path:
+    """A directory holding a generated ml-100k.zip, for MOVIELENS_MIRROR."""
+    directory = tmp_path_factory.mktemp("mirror")
+    write_movielens_zip(directory)
+    return directory
