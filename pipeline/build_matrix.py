@@ -27,23 +27,32 @@ RATING_COLUMNS = ["user_id", "movie_id", "rating", "timestamp"]
 
 
 def read_ratings(path: Path) -> pd.DataFrame:
-    """Read u.data (tab-separated user, movie, rating, timestamp; integers, no header)."""
+    """Read u.data: four tab-separated integers per line (user, movie, rating, timestamp), no header.
+
+    Any malformed line (wrong field count, a blank line, a non-integer) stops with its line number.
+    """
     try:
-        df = pd.read_csv(path, sep="\t", header=None, names=RATING_COLUMNS, dtype=str,
-                         keep_default_na=False, on_bad_lines="error", engine="c")
+        df = pd.read_csv(path, sep="\t", header=None, dtype=str, keep_default_na=False,
+                         skip_blank_lines=False, index_col=False, engine="c")
     except FileNotFoundError:
         raise PipelineError(f"{path}: not found; run the download stage first") from None
     except pd.errors.EmptyDataError:
         raise PipelineError(f"{path}: the file is empty") from None
     except pd.errors.ParserError as err:
         raise PipelineError(f"{path}: malformed ratings ({err})") from None
+    if df.shape[1] != len(RATING_COLUMNS):
+        raise PipelineError(f"{path}, line 1: expected {len(RATING_COLUMNS)} tab-separated fields "
+                            f"({', '.join(RATING_COLUMNS)}), got {df.shape[1]}")
+    df.columns = RATING_COLUMNS
     out = {}
     for col in RATING_COLUMNS:
-        values = pd.to_numeric(df[col], errors="coerce")
-        bad = values.isna() | (values != values.round())
+        values = df[col]
+        bad = ~values.fillna("").str.fullmatch(r"\s*-?\d+\s*")
         if bad.any():
             line = int(np.flatnonzero(bad.to_numpy())[0]) + 1
-            raise PipelineError(f"{path}, line {line}: {col} must be an integer, got {df[col].iloc[line - 1]!r}")
+            shown = values.iloc[line - 1]
+            raise PipelineError(f"{path}, line {line}: {col} must be an integer, got "
+                                f"{'nothing' if pd.isna(shown) else repr(shown)}")
         out[col] = values.astype(np.int64)
     return pd.DataFrame(out)
 

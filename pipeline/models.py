@@ -69,9 +69,8 @@ class MLP(nn.Module):
                 (int(k.split(".")[1]), v.shape) for k, v in state.items()
                 if k.startswith("tower.") and k.endswith(".weight")
             )
-        except (KeyError, AttributeError, ValueError, IndexError) as err:
-            raise ValueError(f"not an MLP state_dict ({err})") from None
-        layers = [2 * dim] + [shape[0] for _, shape in linear]
-        model = cls(n_users, n_items, layers)
-        model.load_state_dict(state)
+            model = cls(n_users, n_items, [2 * dim] + [shape[0] for _, shape in linear])
+            model.load_state_dict(state)
+        except (KeyError, AttributeError, ValueError, IndexError, TypeError, RuntimeError) as err:
+            raise ValueError(f"not an MLP state_dict ({type(err).__name__}: {err})") from None
         return model.eval()

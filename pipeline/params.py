@@ -52,36 +52,36 @@ SPECS: dict[str, Spec] = {
 }
 
 
-def _to_int(key: str, value: Any, spec: Spec) -> int:
+def _to_int(key: str, value: Any, spec: Spec, source: str) -> int:
     if isinstance(value, str):
         try:
             value = int(value.strip())
         except ValueError:
             pass
     if isinstance(value, bool) or not isinstance(value, int):
-        raise PipelineError(f"{PARAMS_FILE}: '{key}' must be {spec.describe()}, got {value!r}")
+        raise PipelineError(f"{source}: '{key}' must be {spec.describe()}, got {value!r}")
     return value
 
 
-def _to_float(key: str, value: Any, spec: Spec) -> float:
+def _to_float(key: str, value: Any, spec: Spec, source: str) -> float:
     if isinstance(value, str):
         try:
             value = float(value.strip())
         except ValueError:
             pass
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise PipelineError(f"{PARAMS_FILE}: '{key}' must be {spec.describe()}, got {value!r}")
+        raise PipelineError(f"{source}: '{key}' must be {spec.describe()}, got {value!r}")
     return float(value)
 
 
-def _check_range(key: str, value: float, spec: Spec, shown: Any) -> None:
+def _check_range(key: str, value: float, spec: Spec, shown: Any, source: str) -> None:
     too_low = value <= spec.low if spec.low_open else value < spec.low
     too_high = value >= spec.high if spec.high_open else value > spec.high
     if too_low or too_high:
-        raise PipelineError(f"{PARAMS_FILE}: '{key}' must be {spec.describe()}, got {shown!r}")
+        raise PipelineError(f"{source}: '{key}' must be {spec.describe()}, got {shown!r}")
 
 
-def _convert(key: str, value: Any) -> Any:
+def _convert(key: str, value: Any, source: str) -> Any:
     spec = SPECS[key]
     if spec.kind == "int_list":
         if isinstance(value, str):
@@ -90,14 +90,14 @@ def _convert(key: str, value: Any) -> Any:
             except yaml.YAMLError:
                 pass
         if not isinstance(value, list) or not value:
-            raise PipelineError(f"{PARAMS_FILE}: '{key}' must be a non-empty list of integers, got {value!r}")
-        items = [_to_int(key, v, spec) for v in value]
+            raise PipelineError(f"{source}: '{key}' must be a non-empty list of integers, got {value!r}")
+        items = [_to_int(key, v, spec, source) for v in value]
         for v in items:
-            _check_range(key, v, spec, value)
+            _check_range(key, v, spec, value, source)
         return items
     convert = _to_int if spec.kind == "int" else _to_float
-    number = convert(key, value, spec)
-    _check_range(key, number, spec, value)
+    number = convert(key, value, spec, source)
+    _check_range(key, number, spec, value, source)
     return number
 
 
@@ -114,7 +114,7 @@ def validate(raw: Any, source: str = PARAMS_FILE) -> dict[str, Any]:
     missing = [k for k in SPECS if k not in raw]
     if missing:
         raise PipelineError(f"{source}: missing key(s) {', '.join(repr(k) for k in missing)}")
-    params = {key: _convert(key, raw[key]) for key in SPECS}
+    params = {key: _convert(key, raw[key], source) for key in SPECS}
     if params["layers"][0] % 2:
         raise PipelineError(
             f"{source}: 'layers' first entry must be even (it is split into a user and an item "

@@ -31,7 +31,9 @@ from pipeline.sampling import ComplementSampler
 log = logging.getLogger("train_mlp")
 
 NEGATIVE_STREAM = 2  # random stream for training negatives (0 and 1 are the candidate sets)
-THREADS = 1  # one intra-op thread: fastest for these small layers, and the same bits on any machine
+# One intra-op thread, whatever the machine: the same bits on every machine and thread setting.
+# Two threads train about 25% faster on ml-100k (1.22 vs 1.58 s per epoch, 2-core machine).
+THREADS = 1
 
 
 @dataclass
@@ -129,8 +131,8 @@ def main() -> None:
     state, curve, best_epoch = train(split.train, val, params)
     seconds = time.perf_counter() - start
     best = curve[best_epoch - 1]
-    with atomic_output(args.model_out) as tmp:
-        torch.save(state, tmp)
+    with atomic_output(args.model_out) as tmp, open(tmp, "wb") as fh:
+        torch.save(state, fh)  # a file object: torch names the archive after a path, not the bytes
     write_text(args.curve_out, curve_csv(curve))
     write_json(args.summary_out, {"best_epoch": best_epoch, "val_hr": round(best.val_hr, 6),
                                   "val_ndcg": round(best.val_ndcg, 6)})

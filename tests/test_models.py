@@ -7,7 +7,7 @@ import scipy.sparse as sp
 import torch
 
 from pipeline.data import Candidates
-from pipeline.metrics import heldout_rank, hit_ratio
+from pipeline.metrics import heldout_rank
 from pipeline.models import MLP, ItemPop
 from pipeline.train_mlp import evaluate_ranking, train
 
@@ -161,12 +161,8 @@ def test_state_dict_round_trips_through_torch_save(tmp_path):
     [
         "user_embedding.weight",
         "item_embedding.weight",
-        pytest.param("output.weight", marks=pytest.mark.xfail(
-            strict=True, raises=RuntimeError,
-            reason="bug: from_state_dict lets load_state_dict raise RuntimeError, not ValueError")),
-        pytest.param("tower.0.bias", marks=pytest.mark.xfail(
-            strict=True, raises=RuntimeError,
-            reason="bug: from_state_dict lets load_state_dict raise RuntimeError, not ValueError")),
+        "output.weight",
+        "tower.0.bias",
     ],
 )
 def test_from_state_dict_missing_key_raises_value_error(missing):

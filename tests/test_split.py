@@ -304,8 +304,6 @@ def test_read_ratings_missing_file(tmp_path):
         read_ratings(tmp_path / "u.data")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: read_ratings returns an empty frame for an empty file "
-                   "(names= stops pandas raising EmptyDataError)")
 def test_read_ratings_empty_file(tmp_path):
     path = tmp_path / "u.data"
     path.write_text("")
@@ -313,17 +311,16 @@ def test_read_ratings_empty_file(tmp_path):
         read_ratings(path)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: blank lines are skipped by pandas, so the reported line "
-                   "number is too small")
-def test_read_ratings_line_number_counts_blank_lines(tmp_path):
+def test_read_ratings_line_numbers_count_blank_lines(tmp_path):
     path = tmp_path / "u.data"
-    path.write_text(GOOD_LINE + "\n" + GOOD_LINE + "1\tx\t3\t4\n")
-    with pytest.raises(PipelineError, match="line 4:"):
+    path.write_text(GOOD_LINE + GOOD_LINE + "1\tx\t3\t4\n")
+    with pytest.raises(PipelineError, match="line 3:"):
+        read_ratings(path)
+    path.write_text(GOOD_LINE + "\n" + GOOD_LINE + "1\tx\t3\t4\n")  # the blank line is reported
+    with pytest.raises(PipelineError, match="line 2: user_id"):
         read_ratings(path)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: when the first line has 5 fields pandas takes the "
-                   "first column as the index and every column shifts, silently")
 def test_read_ratings_five_fields_everywhere_is_an_error(tmp_path):
     path = tmp_path / "u.data"
     path.write_text("1\t2\t3\t4\t5\n6\t7\t8\t9\t10\n")
