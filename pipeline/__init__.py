@@ -1,1 +1,0 @@
-"""MovieLens recommender pipeline: one module per DVC stage plus shared helpers."""
