@@ -106,6 +106,10 @@ def test_dvc_workflow(project: Path, env: dict, tmp_path: Path) -> None:
     exp_metrics = [e["revs"][0]["data"]["metrics"]["metrics/test.json"]["data"] for e in experiments]
     assert all({"itempop", "mlp"} <= set(m) and "hr" in m["mlp"] for m in exp_metrics)
     assert {m["k"] for m in exp_metrics} == {5, 10}
+    names = [e["revs"][0]["name"] for e in experiments[:2]]
+    run(f"{dvc} plots diff {names[0]} {names[1]}", root, env)
+    html = (root / "dvc_plots/index.html").read_text()
+    assert all(f'"{name}"' in html for name in names)
 
     # 4. A branch with other params, then `dvc metrics diff` in a fresh clone with no DVC cache.
     run("git reset -q --hard && git clean -qfd", root, env)
