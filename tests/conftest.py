@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -34,6 +35,14 @@ def write_movielens_zip(directory: Path, n_users: int = 60, n_items: int = 120, 
         zf.writestr("ml-100k/u.data", "".join(lines))
         zf.writestr("ml-100k/u.item", titles.encode("latin-1"))
     return path
+
+
+def set_params(root: Path, **changes) -> None:
+    """Change top-level keys of root/params.yaml, keeping the others."""
+    path = root / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    params.update(changes)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 @pytest.fixture(scope="session")

@@ -11,9 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import REPO
+from conftest import REPO, set_params
 
 STAGES = {"download", "build_matrix", "sample_negatives", "train_itempop", "train_mlp", "evaluate"}
 COPIED = ["pipeline", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore"]
@@ -36,13 +35,6 @@ def outputs_digest(root: Path) -> dict[str, str]:
     files = sorted(p for d in ("data", "metrics") for p in (root / d).rglob("*") if p.is_file())
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files
             if p.name != ".gitignore"}
-
-
-def set_params(root: Path, **changes) -> None:
-    path = root / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    params.update(changes)
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 @pytest.fixture(scope="module")

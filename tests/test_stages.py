@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from conftest import REPO
+from conftest import REPO, set_params
 
 
 def stage(module: str, *args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -34,12 +33,6 @@ def workdir(tmp_path: Path) -> Path:
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     set_params(tmp_path, test_negatives=20)  # the generated data has 120 items
     return tmp_path
-
-
-def set_params(workdir: Path, **changes) -> None:
-    params = yaml.safe_load((workdir / "params.yaml").read_text())
-    params.update(changes)
-    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
 
 
 @pytest.fixture
