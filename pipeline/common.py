@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import os
@@ -29,11 +30,31 @@ def run_stage(main: Callable[[], None]) -> None:
         sys.exit(130)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_tmp(path: Path) -> None:
+    """Delete temporaries of `path` left by a killed process (their pid, in the name, is gone)."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            _remove(tmp)
+
+
 def _tmp_sibling(path: Path, is_dir: bool) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(path)
+    prefix = f".{path.name}.{os.getpid()}."
     if is_dir:
-        return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        return Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=path.parent))
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
     os.close(fd)
     return Path(name)
 
@@ -49,7 +70,9 @@ def _remove(path: Path) -> None:
 def atomic_output(path: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of `path`; move it into place only if the block succeeds.
 
-    A crash or an exception leaves any previous `path` untouched and no half-written file behind.
+    An exception leaves any previous `path` untouched and no half-written file behind. A process
+    killed outright (SIGKILL) leaves its temporary, `.<name>.<pid>.<random>.tmp`, which is never
+    mistaken for the output and is deleted by the next write of the same path.
     """
     path = Path(path)
     tmp = _tmp_sibling(path, is_dir)

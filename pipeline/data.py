@@ -62,7 +62,7 @@ def _need(path: Path) -> Path:
 def save_split(out_dir: Path, split: Split, users: pd.DataFrame, items: pd.DataFrame) -> None:
     """Write the split and id maps into out_dir as one atomic directory."""
     with atomic_output(out_dir, is_dir=True) as tmp:
-        sp.save_npz(tmp / TRAIN_FILE, split.train.tocsr(), compressed=True)
+        sp.save_npz(tmp / TRAIN_FILE, split.train.tocsr(), compressed=False)  # 5 s less at 20M
         np.savez_compressed(
             tmp / HELDOUT_FILE,
             val_users=split.val_users, val_items=split.val_items,
@@ -90,13 +90,13 @@ def load_id_maps(prepared_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def save_candidates(path: Path, cands: Candidates) -> None:
-    """Write one candidate set (validation or test) atomically."""
+    """Write one candidate set (validation or test) atomically; int32, uncompressed (fast at 20M)."""
     with atomic_output(path) as tmp:
         with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, users=cands.users, items=cands.items)
+            np.savez(fh, users=cands.users.astype(np.int32), items=cands.items.astype(np.int32))
 
 
 def load_candidates(path: str | Path) -> Candidates:
     """Read a candidate set written by sample_negatives."""
     with np.load(_need(Path(path))) as z:
-        return Candidates(z["users"], z["items"])
+        return Candidates(z["users"].astype(np.int64), z["items"].astype(np.int64))

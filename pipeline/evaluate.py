@@ -23,6 +23,16 @@ log = logging.getLogger("evaluate")
 CURVE_MAX_K = 20
 
 
+def load_itempop(path: Path) -> ItemPop:
+    """Load the item counts written by train_itempop (no pickles allowed)."""
+    try:
+        return ItemPop(np.load(path, allow_pickle=False))
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: not found; run the train_itempop stage first") from None
+    except (ValueError, OSError) as err:
+        raise PipelineError(f"{path}: not an item-count array ({err})") from None
+
+
 def load_mlp(path: Path) -> MLP:
     """Load a checkpoint written by train_mlp (weights only, no pickled code)."""
     try:
@@ -44,11 +54,17 @@ def main() -> None:
     parser.add_argument("mlp", type=Path, help="MLP checkpoint (.pt)")
     parser.add_argument("metrics_out", type=Path, help="test metrics (.json)")
     parser.add_argument("curve_out", type=Path, help="HR@K for K = 1..20 per model (.csv)")
+    parser.add_argument("--models", default="itempop,mlp",
+                        help="comma-separated models to score (default: itempop,mlp); the others' files are not read")
     args = parser.parse_args()
+    wanted = args.models.split(",")
+    if not wanted or set(wanted) - {"itempop", "mlp"}:
+        raise PipelineError(f"--models must list itempop and/or mlp, got {args.models!r}")
     k = load_params()["topK"]
     torch.set_num_threads(1)
     test = load_candidates(args.candidates_dir / "test.npz")
-    models = {"itempop": ItemPop(np.load(args.itempop)), "mlp": load_mlp(args.mlp)}
+    loaders = {"itempop": lambda: load_itempop(args.itempop), "mlp": lambda: load_mlp(args.mlp)}
+    models = {name: loaders[name]() for name in loaders if name in wanted}
     metrics: dict = {"k": k}
     curves = {}
     for name, model in models.items():

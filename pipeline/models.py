@@ -52,10 +52,11 @@ class MLP(nn.Module):
         users_t = torch.as_tensor(np.asarray(users), dtype=torch.long)
         items_t = torch.as_tensor(np.asarray(items), dtype=torch.long)
         out = torch.empty(items_t.shape, dtype=torch.float32)
+        device = self.output.weight.device
         for start in range(0, len(users_t), batch_rows):
             rows = slice(start, start + batch_rows)
             u = users_t[rows, None].expand_as(items_t[rows])
-            out[rows] = self(u, items_t[rows])
+            out[rows] = self(u.to(device), items_t[rows].to(device)).cpu()
         self.train(was_training)
         return out.numpy().astype(np.float64)
 

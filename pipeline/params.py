@@ -19,15 +19,29 @@ PARAMS_FILE = "params.yaml"
 
 @dataclass(frozen=True)
 class Spec:
-    """One top-level key of params.yaml: its kind ('int', 'float' or 'int_list') and range."""
+    """One top-level key of params.yaml: its kind and allowed values.
+
+    Kinds: 'int', 'float', 'int_list' (in [low, high]); 'choice' (one of `choices`); 'bool';
+    'str' (any text); 'column' (a column name, or a 0-based position; '' for none if `optional`).
+    """
 
     kind: str
-    low: float
-    high: float
+    low: float = 0
+    high: float = 0
     low_open: bool = False  # True: the value must be strictly greater than `low`
     high_open: bool = False  # True: the value must be strictly less than `high`
+    choices: tuple[str, ...] = ()
+    optional: bool = False
 
     def describe(self) -> str:
+        if self.kind == "choice":
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        if self.kind == "bool":
+            return "true or false"
+        if self.kind == "str":
+            return "a non-empty string"
+        if self.kind == "column":
+            return "a column name or 0-based position" + (", or '' for none" if self.optional else "")
         lo = "(" if self.low_open else "["
         hi = ")" if self.high_open else "]"
         what = {"int": "an integer", "float": "a number", "int_list": "a list of integers, each"}[self.kind]
@@ -38,7 +52,20 @@ def _fmt(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
 
+DATASET_NAMES = ("ml-100k", "ml-1m", "ml-20m", "ml-25m", "ml-latest-small", "custom", "synthetic-1m",
+                 "synthetic-20m")
+SEPARATORS = (",", "\t", ";", "|", "::", " ")
+
 SPECS: dict[str, Spec] = {
+    "dataset": Spec("choice", choices=DATASET_NAMES),
+    "custom_path": Spec("str"),
+    "custom_sep": Spec("choice", choices=SEPARATORS),
+    "custom_header": Spec("bool"),
+    "custom_user": Spec("column"),
+    "custom_item": Spec("column"),
+    "custom_time": Spec("column", optional=True),
+    "custom_rating": Spec("column", optional=True),
+    "min_rating": Spec("float", 0.0, 1e9),
     "seed": Spec("int", 0, 2**32 - 1),
     "layers": Spec("int_list", 1, 65536),
     "lr": Spec("float", 0.0, 1.0, low_open=True),
@@ -49,6 +76,7 @@ SPECS: dict[str, Spec] = {
     "negatives": Spec("int", 1, 1000),
     "test_negatives": Spec("int", 1, 100000),
     "topK": Spec("int", 1, 100001),
+    "device": Spec("choice", choices=("auto", "cpu", "cuda")),
 }
 
 
@@ -69,7 +97,11 @@ def _to_float(key: str, value: Any, spec: Spec, source: str) -> float:
             value = float(value.strip())
         except ValueError:
             pass
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    try:
+        finite = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        finite = False
+    if not finite:
         raise PipelineError(f"{source}: '{key}' must be {spec.describe()}, got {value!r}")
     return float(value)
 
@@ -83,14 +115,35 @@ def _check_range(key: str, value: float, spec: Spec, shown: Any, source: str) ->
 
 def _convert(key: str, value: Any, source: str) -> Any:
     spec = SPECS[key]
+    bad = PipelineError(f"{source}: '{key}' must be {spec.describe()}, got {value!r}")
+    if spec.kind == "choice":
+        if value not in spec.choices:
+            raise bad
+        return value
+    if spec.kind == "bool":
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if spec.kind == "str":
+        if not isinstance(value, str) or not value.strip():
+            raise bad
+        return value
+    if spec.kind == "column":
+        if isinstance(value, bool) or not isinstance(value, (str, int)) or (isinstance(value, int) and value < 0):
+            raise bad
+        if value == "" and not spec.optional:
+            raise bad
+        return value
     if spec.kind == "int_list":
         if isinstance(value, str):
             try:
                 value = yaml.safe_load(value)
-            except yaml.YAMLError:
+            except Exception:  # noqa: BLE001 (YAML raises many kinds for odd text); the check below reports it
                 pass
         if not isinstance(value, list) or not value:
-            raise PipelineError(f"{source}: '{key}' must be a non-empty list of integers, got {value!r}")
+            raise PipelineError(f"{source}: '{key}' must be a non-empty {spec.describe()}, got {value!r}")
         items = [_to_int(key, v, spec, source) for v in value]
         for v in items:
             _check_range(key, v, spec, value, source)
@@ -120,6 +173,9 @@ def validate(raw: Any, source: str = PARAMS_FILE) -> dict[str, Any]:
             f"{source}: 'layers' first entry must be even (it is split into a user and an item "
             f"embedding of layers[0]/2 each), got {params['layers'][0]}"
         )
+    if params["min_rating"] > 0 and params["dataset"] == "custom" and params["custom_rating"] == "":
+        raise PipelineError(f"{source}: 'min_rating' is {params['min_rating']}, but custom_rating is '' "
+                            "(the custom table has no rating column); set min_rating to 0")
     candidates = params["test_negatives"] + 1
     if params["topK"] > candidates:
         raise PipelineError(

@@ -8,7 +8,6 @@ validation candidates decide which epoch's weights are saved (the earliest best 
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import io
 import logging
@@ -58,19 +57,35 @@ def epoch_data(train: sp.csr_matrix, sampler: ComplementSampler, negatives: int,
     return torch.from_numpy(all_users), torch.from_numpy(all_items), torch.from_numpy(labels)
 
 
+def pick_device(choice: str) -> torch.device:
+    """Return the torch device for the `device` param: auto (cuda if present, else cpu), cpu or cuda."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("params.yaml: 'device' is 'cuda', but PyTorch sees no CUDA device here; "
+                            "use 'auto' or 'cpu'")
+    return torch.device(choice)
+
+
+def make_optimizer(model: torch.nn.Module, params: dict) -> torch.optim.Optimizer:
+    """Adam, fused: one kernel updates every tensor (about 4x less optimiser time per step on CPU)."""
+    return torch.optim.Adam(model.parameters(), lr=params["lr"], weight_decay=params["weight_decay"], fused=True)
+
+
 def evaluate_ranking(model: MLP, cands: Candidates, k: int) -> tuple[float, float]:
     """Return (HR@k, NDCG@k) of the model on a candidate set."""
     ranks = heldout_rank(model.score(cands.users, cands.items))
     return hit_ratio(ranks, k), ndcg(ranks, k)
 
 
-def train(split_train: sp.csr_matrix, val: Candidates, params: dict) -> tuple[dict, list[EpochStats], int]:
-    """Train an MLP; return (best state_dict, per-epoch curve, best epoch)."""
+def train(split_train: sp.csr_matrix, val: Candidates, params: dict,
+          device: torch.device = torch.device("cpu")) -> tuple[dict, list[EpochStats], int]:
+    """Train an MLP on `device`; return (best state_dict on the CPU, per-epoch curve, best epoch)."""
     torch.manual_seed(params["seed"])
     shuffle_gen = torch.Generator().manual_seed(params["seed"])
     rng = np.random.default_rng([params["seed"], NEGATIVE_STREAM])
-    model = MLP(split_train.shape[0], split_train.shape[1], params["layers"], params["dropout"])
-    optimizer = torch.optim.Adam(model.parameters(), lr=params["lr"], weight_decay=params["weight_decay"])
+    model = MLP(split_train.shape[0], split_train.shape[1], params["layers"], params["dropout"]).to(device)
+    optimizer = make_optimizer(model, params)
     loss_fn = torch.nn.BCEWithLogitsLoss(reduction="sum")
     sampler = ComplementSampler(split_train)
     batch, k = params["batch_size"], params["topK"]
@@ -80,9 +95,9 @@ def train(split_train: sp.csr_matrix, val: Candidates, params: dict) -> tuple[di
         start = time.perf_counter()
         users, items, labels = epoch_data(split_train, sampler, params["negatives"], rng)
         order = torch.randperm(len(labels), generator=shuffle_gen)
-        users, items, labels = users[order], items[order], labels[order]
+        users, items, labels = (t[order].to(device) for t in (users, items, labels))
         model.train()
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=device)
         for lo in range(0, len(labels), batch):
             loss = loss_fn(model(users[lo:lo + batch], items[lo:lo + batch]), labels[lo:lo + batch])
             optimizer.zero_grad(set_to_none=True)
@@ -99,7 +114,7 @@ def train(split_train: sp.csr_matrix, val: Candidates, params: dict) -> tuple[di
         curve.append(EpochStats(epoch, mean_loss, hr, nd))
         if (hr, nd) > best_key:
             best_key, best_epoch = (hr, nd), epoch
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         log.info("epoch %d: loss %.4f, val HR@%d %.4f, NDCG@%d %.4f (%.1f s)",
                  epoch, mean_loss, k, hr, k, nd, time.perf_counter() - start)
     return best_state, curve, best_epoch
@@ -125,10 +140,12 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params()
     torch.set_num_threads(THREADS)
+    device = pick_device(params["device"])
     split = load_split(args.prepared_dir)
     val = load_candidates(args.candidates_dir / "val.npz")
     start = time.perf_counter()
-    state, curve, best_epoch = train(split.train, val, params)
+    log.info("training on %s", device)
+    state, curve, best_epoch = train(split.train, val, params, device)
     seconds = time.perf_counter() - start
     best = curve[best_epoch - 1]
     with atomic_output(args.model_out) as tmp, open(tmp, "wb") as fh:

@@ -1,6 +1,9 @@
 """Shared fixtures: the repository root, a generated MovieLens-shaped archive, the real data."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -45,9 +48,38 @@ def set_params(root: Path, **changes) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def stage(module: str, *args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([sys.executable, "-m", f"pipeline.{module}", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def user_error(proc: subprocess.CompletedProcess) -> str:
+    """Assert the stage stopped with a one-line error (exit 2, no traceback); return the message."""
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc.stderr
+
+
 @pytest.fixture(scope="session")
 def tiny_mirror(tmp_path_factory) -> Path:
     """A directory holding a generated ml-100k.zip, for MOVIELENS_MIRROR."""
     directory = tmp_path_factory.mktemp("mirror")
     write_movielens_zip(directory)
     return directory
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    set_params(tmp_path, test_negatives=20)  # the generated data has 120 items
+    return tmp_path
+
+
+@pytest.fixture
+def prepared(workdir: Path, tiny_mirror: Path) -> Path:
+    """workdir with data/raw and data/prepared built from the generated archive."""
+    env = {"MOVIELENS_MIRROR": str(tiny_mirror), "MOVIELENS_SKIP_VERIFY": "1"}
+    assert stage("download", "data/raw", cwd=workdir, env=env).returncode == 0
+    assert stage("build_matrix", "data/raw", "data/prepared", cwd=workdir).returncode == 0
+    return workdir

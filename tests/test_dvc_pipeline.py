@@ -15,7 +15,8 @@ import pytest
 from conftest import REPO, set_params
 
 STAGES = {"download", "build_matrix", "sample_negatives", "train_itempop", "train_mlp", "evaluate"}
-COPIED = ["pipeline", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore"]
+COPIED = ["pipeline", "examples", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore",
+          ".gitignore"]
 TINY_PARAMS = {"test_negatives": 20, "epochs": 2, "batch_size": 64, "layers": [16, 8], "negatives": 2}
 
 
@@ -51,10 +52,8 @@ def env(tiny_mirror) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory, env) -> Path:
-    """A fresh git repository holding the pipeline (no data, no lock), params sized for tiny data."""
-    root = tmp_path_factory.mktemp("project")
+def make_project(root: Path, env: dict) -> Path:
+    """Make root a fresh git repository holding the pipeline (no data, no lock), params sized for tiny data."""
     for name in COPIED:
         src, dst = REPO / name, root / name
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -65,6 +64,11 @@ def project(tmp_path_factory, env) -> Path:
     set_params(root, **TINY_PARAMS)
     run("git init -q -b main && git add -A && git commit -q -m pipeline", root, env)
     return root
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, env) -> Path:
+    return make_project(tmp_path_factory.mktemp("project"), env)
 
 
 def test_dvc_workflow(project: Path, env: dict, tmp_path: Path) -> None:
@@ -130,3 +134,39 @@ def test_dvc_workflow(project: Path, env: dict, tmp_path: Path) -> None:
     run(f"{dvc} repro -f", root, env)
     assert outputs_digest(root) == first
     assert any(k.startswith("data/models/") for k in first) and "metrics/test.json" in first
+
+
+def test_dataset_switch_remote_and_fresh_clone(tmp_path: Path, env: dict) -> None:
+    """Changing `dataset` re-runs every stage and never mixes caches; a remote shares the results."""
+    root = make_project(tmp_path / "project", env)
+    dvc = f"{sys.executable} -m dvc"
+    run(f"{dvc} repro", root, env)
+    tiny = (root / "metrics/test.json").read_text()
+    run("git add -A && git commit -q -m tiny", root, env)
+
+    # Another dataset: every stage runs, on different data.
+    out = run(f"{dvc} exp run -S dataset=custom", root, env)
+    assert ran_stages(out) == STAGES, out
+    assert json.loads((root / "data/raw/source.json").read_text())["dataset"] == "custom"
+    users = (root / "data/prepared/users.csv").read_text().splitlines()
+    assert users[1] == "0,user-01" and len(users) == 61
+    assert (root / "metrics/test.json").read_text() != tiny
+
+    # Back to the first dataset: DVC restores the data stages from its run cache. The stages that
+    # write git-tracked metrics (cache: false) are outside DVC's run cache: they re-run, to the same bytes.
+    set_params(root, dataset="ml-100k")
+    out = run(f"{dvc} repro", root, env)
+    assert ran_stages(out) == {"train_mlp", "evaluate"}, out
+    assert (root / "metrics/test.json").read_text() == tiny
+    assert json.loads((root / "data/raw/source.json").read_text())["dataset"] == "ml-100k"
+
+    # A local-directory remote: push here, pull into a fresh clone, which is then up to date.
+    remote = tmp_path / "remote"
+    run(f"{dvc} remote add -d shared {remote} && git add .dvc/config && git commit -q -m remote", root, env)
+    run(f"{dvc} push", root, env)
+    clone = tmp_path / "clone"
+    run(f"git clone -q {root} {clone}", tmp_path, env)
+    run(f"{dvc} pull", clone, env)
+    status = run(f"{dvc} status", clone, env)
+    assert "Data and pipelines are up to date" in status, status
+    assert outputs_digest(clone) == outputs_digest(root)

@@ -1,10 +1,7 @@
 """The stage entry points as DVC runs them: clear errors for user mistakes, nothing half-written."""
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -12,36 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, set_params
-
-
-def stage(module: str, *args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run([sys.executable, "-m", f"pipeline.{module}", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=120)
-
-
-def user_error(proc: subprocess.CompletedProcess) -> str:
-    """Assert the stage stopped with a one-line error (exit 2, no traceback); return the message."""
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    return proc.stderr
-
-
-@pytest.fixture
-def workdir(tmp_path: Path) -> Path:
-    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
-    set_params(tmp_path, test_negatives=20)  # the generated data has 120 items
-    return tmp_path
-
-
-@pytest.fixture
-def prepared(workdir: Path, tiny_mirror: Path) -> Path:
-    """workdir with data/raw and data/prepared built from the generated archive."""
-    env = {"MOVIELENS_MIRROR": str(tiny_mirror), "MOVIELENS_SKIP_VERIFY": "1"}
-    assert stage("download", "data/raw", cwd=workdir, env=env).returncode == 0
-    assert stage("build_matrix", "data/raw", "data/prepared", cwd=workdir).returncode == 0
-    return workdir
+from conftest import set_params, stage, user_error
 
 
 def test_download_from_missing_mirror_names_the_variable(workdir: Path) -> None:

@@ -1,0 +1,166 @@
+"""User mistakes through the real stage entry points: bad ratings files, bad params, diverging training.
+
+Each must stop with one clear line (exit 2) naming the file and line or the param and its allowed
+range, before any work, leaving no output behind.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import set_params, stage, user_error
+from pipeline.data import load_split
+from pipeline.params import SPECS
+
+STAGE_ARGS = {
+    "sample_negatives": ["data/prepared", "data/candidates"],
+    "train_mlp": ["data/prepared", "data/candidates", "data/models/mlp.pt", "metrics/curve.csv",
+                  "metrics/val.json"],
+    "evaluate": ["data/candidates", "data/models/itempop.npy", "data/models/mlp.pt", "metrics/test.json",
+                 "metrics/hr_at_k.csv"],
+}
+
+
+def run_in_process(module: str, args: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, str]:
+    """Run pipeline.<module> as `python -m` would, in this process; return (exit code, stderr)."""
+    from pipeline.common import run_stage
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", [module, *args])
+    with pytest.raises(SystemExit) as stop:
+        run_stage(importlib.import_module(f"pipeline.{module}").main)
+    return stop.value.code, capsys.readouterr().err
+
+
+def write_raw(root: Path, lines: list[str]) -> None:
+    raw = root / "data/raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    (raw / "u.data").write_text("".join(lines))
+    (raw / "source.json").write_text('{"dataset": "ml-100k", "ratings": "u.data", "titles": "u.item"}')
+    (raw / "u.item").write_bytes("".join(f"{i}|Movie {i} (1990)|\n" for i in range(1, 40)).encode("latin-1"))
+
+
+def good_lines(n_users: int = 5, n_items: int = 30) -> list[str]:
+    return [f"{u}\t{i}\t3\t{1000 * i + u}\n" for u in range(1, n_users + 1) for i in range(1, n_items + 1, 2)]
+
+
+@pytest.mark.parametrize("bad, line, words", [
+    ("1\t2\t3\n", 4, "expected 4"),
+    ("1\t2\t3\t4\t5\n", 4, "got 5"),
+    ("x\t2\t3\t4\n", 4, "user_id must be an integer, got 'x'"),
+    ("1\t2.5\t3\t4\n", 4, "movie_id must be an integer, got '2.5'"),
+    ("1\t2\t3\tyesterday\n", 4, "timestamp must be an integer, got 'yesterday'"),
+    ("1\t\t3\t4\n", 4, "movie_id must be an integer, got nothing"),
+])
+def test_malformed_ratings_line_names_file_and_line(workdir: Path, bad: str, line: int, words: str) -> None:
+    write_raw(workdir, good_lines()[:3] + [bad] + good_lines()[3:])
+    err = user_error(stage("build_matrix", "data/raw", "data/prepared", cwd=workdir))
+    assert "data/raw/u.data" in err and f"line {line}" in err and words in err, err
+    assert not (workdir / "data/prepared").exists()
+
+
+def test_empty_ratings_file(workdir: Path) -> None:
+    write_raw(workdir, [])
+    err = user_error(stage("build_matrix", "data/raw", "data/prepared", cwd=workdir))
+    assert "data/raw/u.data" in err and "empty" in err
+    assert not (workdir / "data/prepared").exists()
+
+
+def test_duplicates_and_short_users_are_logged_and_handled(workdir: Path) -> None:
+    lines = good_lines()
+    lines += ["1\t1\t5\t999999\n", "1\t1\t4\t5\n"]  # user 1 re-rated movie 1: latest wins
+    lines += ["99\t3\t4\t10\n", "99\t5\t4\t20\n"]  # user 99 has two interactions only
+    write_raw(workdir, lines)
+    proc = stage("build_matrix", "data/raw", "data/prepared", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    assert "dropped 2 repeated (user, movie) ratings" in proc.stderr
+    assert "1 user(s) with fewer than 3 interactions kept in train only" in proc.stderr
+    split = load_split(workdir / "data/prepared")
+    # user 1 (index 0): movie 1 (index 0) at timestamp 999999 is now the latest: the test item.
+    assert split.test_items[split.test_users == 0].tolist() == [0]
+    assert split.train[0].nnz + 2 == 15
+    assert 5 not in split.test_users.tolist() and split.train[5].nnz == 2  # user 99 is index 5
+
+
+WRONG_TYPE = {"int": "many", "float": "fast", "int_list": "wide", "choice": 3, "bool": "maybe", "str": 5,
+              "column": 1.5}
+
+
+def out_of_range(key: str):
+    """A value of the right type that is not allowed."""
+    spec = SPECS[key]
+    if spec.kind == "int_list":
+        return [int(spec.high) + 1]
+    if spec.kind in ("int", "float"):
+        return int(spec.high) + 1 if spec.kind == "int" else spec.high * 2 + 1
+    return {"choice": "nonsense", "bool": "yes please", "str": "  ", "column": -1}[spec.kind]
+
+
+@pytest.mark.parametrize("key", sorted(SPECS))
+@pytest.mark.parametrize("mistake", ["wrong_type", "out_of_range"])
+def test_every_param_mistake_stops_training_before_any_work(prepared: Path, monkeypatch, capsys,
+                                                            key: str, mistake: str) -> None:
+    value = WRONG_TYPE[SPECS[key].kind] if mistake == "wrong_type" else out_of_range(key)
+    set_params(prepared, **{key: value})
+    code, err = run_in_process("train_mlp", STAGE_ARGS["train_mlp"], prepared, monkeypatch, capsys)
+    assert code == 2
+    assert f"'{key}'" in err and SPECS[key].describe() in err and "params.yaml" in err, err
+    if SPECS[key].kind in ("int", "float", "int_list"):
+        assert re.search(r"in [\[(][-\d.e+]+, [-\d.e+]+[\])]", err), err  # the allowed range
+    assert not (prepared / "data/models").exists() and not (prepared / "metrics").exists()
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"layers": [15, 8]}, "'layers' first entry must be even"),
+    ({"topK": 22}, "'topK' must be at most test_negatives + 1 = 21"),
+    ({"negatives": 0}, "'negatives' must be an integer in [1, 1000]"),
+    ({"learning_rate": 0.1}, "unknown key(s) 'learning_rate'"),
+])
+@pytest.mark.parametrize("module", sorted(STAGE_ARGS))
+def test_param_rules_stop_every_stage_that_reads_params(prepared: Path, monkeypatch, capsys, module: str,
+                                                        changes: dict, words: str) -> None:
+    set_params(prepared, **changes)
+    code, err = run_in_process(module, STAGE_ARGS[module], prepared, monkeypatch, capsys)
+    assert code == 2 and words in err, err
+    assert not (prepared / "data/candidates").exists() and not (prepared / "metrics").exists()
+
+
+def test_nan_loss_stops_training_naming_the_epoch(prepared: Path, monkeypatch, capsys) -> None:
+    assert stage("sample_negatives", *STAGE_ARGS["sample_negatives"], cwd=prepared).returncode == 0
+    set_params(prepared, epochs=3, layers=[16, 8], batch_size=64)
+    from pipeline import models
+    forward = models.MLP.forward
+    calls = {"n": 0}
+
+    def diverging(self, users, items):
+        out = forward(self, users, items)
+        calls["n"] += 1
+        return out * math.inf if calls["n"] > 10 else out  # diverges during epoch 1's training
+
+    monkeypatch.setattr(models.MLP, "forward", diverging)
+    code, err = run_in_process("train_mlp", STAGE_ARGS["train_mlp"], prepared, monkeypatch, capsys)
+    assert code == 2
+    assert "training diverged at epoch 1" in err and "smaller lr" in err and "No checkpoint" in err
+    assert not (prepared / "data/models").exists() or not any((prepared / "data/models").iterdir())
+    assert not (prepared / "metrics").exists()
+
+
+def test_nan_scores_stop_evaluation(prepared: Path, monkeypatch, capsys) -> None:
+    assert stage("sample_negatives", *STAGE_ARGS["sample_negatives"], cwd=prepared).returncode == 0
+    assert stage("train_itempop", "data/prepared", "data/models/itempop.npy", cwd=prepared).returncode == 0
+    from pipeline.models import MLP
+    split = load_split(prepared / "data/prepared")
+    model = MLP(split.n_users, split.n_items, [16, 8])
+    with torch.no_grad():
+        model.output.bias.fill_(math.nan)
+    torch.save(model.state_dict(), prepared / "data/models/mlp.pt")
+    code, err = run_in_process("evaluate", STAGE_ARGS["evaluate"], prepared, monkeypatch, capsys)
+    assert code == 2 and "mlp produced NaN scores" in err
+    assert not (prepared / "metrics").exists()
+    assert np.load(prepared / "data/models/itempop.npy").sum() == split.train.nnz
