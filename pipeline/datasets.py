@@ -5,13 +5,15 @@ Each is checked against a published SHA-256 where one exists (so a mirror's repa
 files passes), otherwise the whole archive against GroupLens's published md5. `custom` reads a
 user's own table; `synthetic-*` are generated (pipeline.synthetic).
 
-Readers parse with pandas' C engine straight into typed columns. Only when that fails does a
-line-by-line scan run, to name the first bad line; so a good file costs one C pass.
+Interactions are parsed with pandas' C engine straight into typed columns. Only when that fails
+does a line-by-line scan run, to name the first bad line; so a good file costs one C pass. Movie
+lists are small and read line by line.
 """
 from __future__ import annotations
 
 import codecs
 import csv
+import itertools
 import math
 import re
 from dataclasses import dataclass, field
@@ -97,9 +99,16 @@ INT_COLUMNS = ("user_id", "movie_id", "timestamp")
 # The line-by-line scan below must accept exactly what the C pass accepts, or it blames a good line.
 _WS = "[ \t\n\v\f\r]*"
 _INT_TEXT = re.compile(f"{_WS}[+-]?[0-9]+{_WS}")
-_FLOAT_TEXT = re.compile(f"{_WS}[+-]?(?:[0-9]+[.]?[0-9]*|[.][0-9]+)(?:[eE][+-]?[0-9]+)?{_WS}")
+_MANTISSA = "(?:[0-9]+[.]?[0-9]*|[.][0-9]+)"
+# (After a '+' sign it also takes blanks between the 'e' and the exponent: '+5e 5' is 500000.)
+_FLOAT_TEXT = re.compile(f"{_WS}(?:[+-]?{_MANTISSA}(?:[eE][+-]?[0-9]+)?|[+]{_MANTISSA}[eE][ \t\v\f]*[+-]?[0-9]+){_WS}")
+_EXPONENT_BLANKS = re.compile("(?<=[eE])[ \t\v\f]+")
 _BAD_BYTE = re.compile("[\udc80-\udcff]")  # a byte the encoding cannot decode, as errors="surrogateescape" reads it
 _INT64 = (-(2**63), 2**63)
+# A column of only these words the C pass reads as booleans, which cast "safely" to 1 and 0 (or
+# 1.0 and 0.0); read as NA instead, they fail the column like any other word.
+_BOOL_WORDS = sorted({"".join(chars) for word in ("true", "false")
+                      for chars in itertools.product(*((c, c.upper()) for c in word))})
 
 
 class _LineError(Exception):
@@ -113,7 +122,7 @@ def _is_int64(text: str) -> bool:
     if _INT_TEXT.fullmatch(text):
         return _INT64[0] <= int(text) < _INT64[1]
     if _FLOAT_TEXT.fullmatch(text):
-        value = float(text)
+        value = float(_EXPONENT_BLANKS.sub("", text))
         return value.is_integer() and _INT64[0] <= value < _INT64[1]
     return False
 
@@ -121,11 +130,7 @@ def _is_int64(text: str) -> bool:
 def _is_finite_number(text: str) -> bool:
     if text.isascii() and text.replace(".", "", 1).isdigit() and len(text) < 300:  # the common case, fast
         return True
-    return bool(_FLOAT_TEXT.fullmatch(text)) and math.isfinite(float(text))
-
-
-def _split_line(line: str, sep: str) -> list[str]:
-    return line.rstrip("\r\n").split(sep)
+    return bool(_FLOAT_TEXT.fullmatch(text)) and math.isfinite(float(_EXPONENT_BLANKS.sub("", text)))
 
 
 def _records(path: Path, table: Table) -> Iterator[tuple[int, list[str]]]:
@@ -261,6 +266,7 @@ def read_interactions(path: Path, table: Table, string_ids: bool = False) -> pd.
     n_columns = (n_fields - 1) * stride + 1
     wanted = {pos[c] * stride: {int: np.int64, float: np.float64, str: str}[kinds[c]] for c in pos}
     dtypes = {i: wanted.get(i, str) for i in range(n_columns)}
+    not_numbers = {pos[c] * stride: _BOOL_WORDS for c in pos if kinds[c] in (int, float)}
 
     def malformed(err: Exception | None) -> PipelineError:
         bad = _first_bad_line(path, table, n_fields, checks)
@@ -273,12 +279,13 @@ def read_interactions(path: Path, table: Table, string_ids: bool = False) -> pd.
     try:
         with np.errstate(all="ignore"):  # pandas' failed int casts warn before they raise
             df = pd.read_csv(path, sep=single, header=None, skiprows=1 if table.header else 0, dtype=dtypes,
-                             keep_default_na=False, skip_blank_lines=False, engine="c", encoding=table.encoding,
+                             keep_default_na=False, na_values=not_numbers, skip_blank_lines=False, engine="c",
+                             encoding=table.encoding,
                              quoting=csv.QUOTE_MINIMAL if table.sep == "," else csv.QUOTE_NONE)
     except (ValueError, OverflowError, pd.errors.ParserError) as err:  # UnicodeDecodeError is a ValueError
         raise malformed(err) from None
     # What the C pass lets through: every line with more fields than the format's (it takes the
-    # first line's count), a "::" field holding one ":", a rating of inf.
+    # first line's count), a "::" field holding one ":", a rating of inf (or NA: a true/false word).
     if df.shape[1] != n_columns or any((df[j] != "").any() for j in range(1, n_columns, stride) if stride > 1) or (
             "rating" in pos and not np.isfinite(df[pos["rating"] * stride].to_numpy()).all()):
         raise malformed(None)

@@ -1,7 +1,10 @@
-"""Stage `evaluate`: HR@topK and NDCG@topK of every model on the same test candidates.
+"""Stage `evaluate`: every model in `models`, on the same test users, by two protocols.
 
-Each user's held-out test item is ranked against its sampled negatives; an equal score ranks the
-held-out item below the other candidate (pessimistic ties, as in the seed notebook).
+Sampled: each user's held-out test item ranked against its `test_negatives` sampled candidates
+(HR@topK, NDCG@topK, MRR). Full: the held-out item ranked against every item the user has not
+interacted with in train or validation (HR@topK, NDCG@topK, MRR), scored in batches of users with
+tensor operations. In both, an equal score ranks the held-out item below the other item
+(pessimistic ties, as in the seed notebook).
 """
 from __future__ import annotations
 
@@ -10,71 +13,89 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from pipeline.common import PipelineError, run_stage, write_json, write_text
-from pipeline.data import load_candidates
-from pipeline.metrics import heldout_rank, hit_ratio, hit_ratio_curve, ndcg
-from pipeline.models import MLP, ItemPop
+from pipeline.data import load_candidates, load_split
+from pipeline.metrics import full_ranks, heldout_rank, hit_ratio, hit_ratio_curve, mrr, ndcg
+from pipeline.models import EASE, MODEL_CLASSES, ItemPop
 from pipeline.params import load_params
+from pipeline.training import THREADS
 
 log = logging.getLogger("evaluate")
 
 CURVE_MAX_K = 20
 
 
-def load_itempop(path: Path) -> ItemPop:
-    """Load the item counts written by train_itempop (no pickles allowed)."""
-    try:
-        return ItemPop(np.load(path, allow_pickle=False))
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: not found; run the train_itempop stage first") from None
-    except (ValueError, OSError) as err:
-        raise PipelineError(f"{path}: not an item-count array ({err})") from None
-
-
-def load_mlp(path: Path) -> MLP:
-    """Load a checkpoint written by train_mlp (weights only, no pickled code)."""
+def load_model(name: str, path: Path, train: sp.csr_matrix):
+    """Load a model written by `train@<name>` (tensors only: torch.load(weights_only=True))."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise PipelineError(f"{path}: not found; run the train_mlp stage first") from None
+        raise PipelineError(f"{path}: not found; run `dvc repro` to train {name}") from None
     except Exception as err:  # torch raises many kinds for a file that is not a checkpoint
         raise PipelineError(f"{path}: not a readable model checkpoint ({type(err).__name__}: {err})") from None
     try:
-        return MLP.from_state_dict(state)
-    except (ValueError, RuntimeError, TypeError) as err:
-        raise PipelineError(f"{path}: not an MLP checkpoint ({err})") from None
+        if name == "itempop":
+            model = ItemPop(state["counts"].numpy())
+        elif name == "ease":
+            model = EASE(state["weights"].float(), train)
+        else:
+            model = MODEL_CLASSES[name].from_state_dict(state)
+    except (KeyError, AttributeError, TypeError, ValueError) as err:
+        raise PipelineError(f"{path}: not {name} checkpoint ({err})") from None
+    if getattr(model, "n_items", train.shape[1]) != train.shape[1]:
+        raise PipelineError(f"{path}: {name} was trained on {model.n_items} items, the data has {train.shape[1]}; "
+                            "run `dvc repro`")
+    return model
+
+
+def full_scores(model, n_items: int):
+    """Return score_all(users) -> [users, n_items] float32 tensor for any model."""
+    if isinstance(model, ItemPop):
+        counts = torch.from_numpy(model.counts.astype(np.float32))
+        return lambda users: counts.expand(len(users), n_items)
+    return model.score_all
+
+
+def evaluate_model(name: str, model, split, test, k: int) -> tuple[dict, np.ndarray]:
+    """Return ({hr, ndcg, mrr, full: {hr, ndcg, mrr}}, sampled ranks) for one model."""
+    scores = model.score(test.users, test.items)
+    if np.isnan(scores).any():
+        raise PipelineError(f"model {name} produced NaN scores; retrain it")
+    ranks = heldout_rank(scores)
+    seen = (split.train + sp.csr_matrix((np.ones(len(split.val_users), np.float32),
+                                         (split.val_users, split.val_items)), shape=split.train.shape)).tocsr()
+    full = full_ranks(full_scores(model, split.n_items), test.users, test.items[:, 0], seen)
+    result = {"hr": round(hit_ratio(ranks, k), 6), "ndcg": round(ndcg(ranks, k), 6), "mrr": round(mrr(ranks), 6),
+              "full": {"hr": round(hit_ratio(full, k), 6), "ndcg": round(ndcg(full, k), 6),
+                       "mrr": round(mrr(full), 6)}}
+    return result, ranks
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Score every model on the test candidates.")
+    parser = argparse.ArgumentParser(description="Score every model on the test users.")
+    parser.add_argument("prepared_dir", type=Path)
     parser.add_argument("candidates_dir", type=Path)
-    parser.add_argument("itempop", type=Path, help="item popularity counts (.npy)")
-    parser.add_argument("mlp", type=Path, help="MLP checkpoint (.pt)")
+    parser.add_argument("models_dir", type=Path, help="holds <model>.pt for each model in `models`")
     parser.add_argument("metrics_out", type=Path, help="test metrics (.json)")
-    parser.add_argument("curve_out", type=Path, help="HR@K for K = 1..20 per model (.csv)")
-    parser.add_argument("--models", default="itempop,mlp",
-                        help="comma-separated models to score (default: itempop,mlp); the others' files are not read")
+    parser.add_argument("curve_out", type=Path, help="sampled HR@K for K = 1..20 per model (.csv)")
     args = parser.parse_args()
-    wanted = args.models.split(",")
-    if not wanted or set(wanted) - {"itempop", "mlp"}:
-        raise PipelineError(f"--models must list itempop and/or mlp, got {args.models!r}")
-    k = load_params()["topK"]
-    torch.set_num_threads(1)
+    params = load_params()
+    k = params["topK"]
+    torch.set_num_threads(THREADS)
+    split = load_split(args.prepared_dir)
     test = load_candidates(args.candidates_dir / "test.npz")
-    loaders = {"itempop": lambda: load_itempop(args.itempop), "mlp": lambda: load_mlp(args.mlp)}
-    models = {name: loaders[name]() for name in loaders if name in wanted}
     metrics: dict = {"k": k}
     curves = {}
-    for name, model in models.items():
-        scores = model.score(test.users, test.items)
-        if np.isnan(scores).any():
-            raise PipelineError(f"model {name} produced NaN scores; retrain it")
-        ranks = heldout_rank(scores)
-        metrics[name] = {"hr": round(hit_ratio(ranks, k), 6), "ndcg": round(ndcg(ranks, k), 6)}
+    for name in params["models"]:
+        model = load_model(name, args.models_dir / f"{name}.pt", split.train)
+        metrics[name], ranks = evaluate_model(name, model, split, test, k)
         curves[name] = hit_ratio_curve(ranks, CURVE_MAX_K)
-        log.info("%s: HR@%d %.4f, NDCG@%d %.4f", name, k, metrics[name]["hr"], k, metrics[name]["ndcg"])
+        m = metrics[name]
+        log.info("%s: sampled HR@%d %.4f, NDCG %.4f; full HR@%d %.4f, NDCG %.4f, MRR %.4f",
+                 name, k, m["hr"], m["ndcg"], k, m["full"]["hr"], m["full"]["ndcg"], m["full"]["mrr"])
     write_json(args.metrics_out, metrics)
     lines = ["k," + ",".join(curves)]
     for i in range(CURVE_MAX_K):

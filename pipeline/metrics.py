@@ -1,7 +1,12 @@
-"""Ranking metrics over a [users x candidates] score matrix whose column 0 is the held-out item."""
+"""Ranking metrics: over a [users x candidates] score matrix whose column 0 is the held-out item
+(the sampled protocol), and over every item a user has not seen (full ranking)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
+import scipy.sparse as sp
+import torch
 
 
 def heldout_rank(scores: np.ndarray) -> np.ndarray:
@@ -32,3 +37,33 @@ def hit_ratio_curve(ranks: np.ndarray, max_k: int) -> np.ndarray:
     """Return HR@k for k = 1..max_k as an array of length max_k."""
     counts = np.bincount(np.minimum(np.asarray(ranks), max_k), minlength=max_k + 1)[:max_k]
     return np.cumsum(counts) / len(ranks)
+
+
+def mrr(ranks: np.ndarray) -> float:
+    """Return the mean reciprocal rank, 1/(rank + 1), over all users (no cut-off)."""
+    return float(np.mean(1.0 / (np.asarray(ranks) + 1.0)))
+
+
+def full_ranks(score_all: Callable[[np.ndarray], torch.Tensor], users: np.ndarray, heldout: np.ndarray,
+               seen: sp.csr_matrix, batch_users: int = 1024) -> np.ndarray:
+    """Return each user's 0-based rank of its held-out item among ALL items it has not seen.
+
+    `score_all(users)` gives [len(users), n_items] scores; items in the user's row of `seen`
+    (train and validation) are left out, as is the held-out item itself. Ties are pessimistic,
+    as in `heldout_rank`: an equal (or NaN) score ranks above the held-out item.
+    """
+    users = np.asarray(users, dtype=np.int64)
+    heldout = np.asarray(heldout, dtype=np.int64)
+    seen = seen.tocsr()
+    ranks = np.empty(len(users), dtype=np.int64)
+    for lo in range(0, len(users), batch_users):
+        u, items = users[lo:lo + batch_users], heldout[lo:lo + batch_users]
+        scores = score_all(u).clone()
+        rows = torch.arange(len(u))
+        held = scores[rows, torch.from_numpy(items)].clone()
+        block = seen[u]
+        seen_rows = torch.from_numpy(np.repeat(np.arange(len(u)), np.diff(block.indptr)))
+        scores[seen_rows, torch.from_numpy(block.indices.astype(np.int64))] = -torch.inf
+        scores[rows, torch.from_numpy(items)] = -torch.inf
+        ranks[lo:lo + len(u)] = (~(scores < held[:, None])).sum(dim=1).numpy()
+    return ranks

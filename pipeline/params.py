@@ -32,10 +32,15 @@ class Spec:
     high_open: bool = False  # True: the value must be strictly less than `high`
     choices: tuple[str, ...] = ()
     optional: bool = False
+    fields: dict[str, "Spec"] | None = None  # kind 'section': a mapping with exactly these keys
 
     def describe(self) -> str:
         if self.kind == "choice":
             return "one of " + ", ".join(repr(c) for c in self.choices)
+        if self.kind == "section":
+            return "a mapping with the keys " + (", ".join(self.fields) or "(none: {})")
+        if self.kind == "choice_list":
+            return "a non-empty list of distinct names from " + ", ".join(self.choices)
         if self.kind == "bool":
             return "true or false"
         if self.kind == "str":
@@ -54,7 +59,16 @@ def _fmt(x: float) -> str:
 
 DATASET_NAMES = ("ml-100k", "ml-1m", "ml-20m", "ml-25m", "ml-latest-small", "custom", "synthetic-1m",
                  "synthetic-20m")
+MODEL_NAMES = ("itempop", "mlp", "gmf", "neumf", "mf", "ease")
 SEPARATORS = (",", "\t", ";", "|", "::", " ")
+
+_LOOP = {  # the shared training loop's settings, in every neural model's section
+    "lr": Spec("float", 0.0, 1.0, low_open=True),
+    "weight_decay": Spec("float", 0.0, 1.0),
+    "epochs": Spec("int", 1, 10000),
+    "batch_size": Spec("int", 1, 2**24),
+    "negatives": Spec("int", 1, 1000),
+}
 
 SPECS: dict[str, Spec] = {
     "dataset": Spec("choice", choices=DATASET_NAMES),
@@ -67,13 +81,18 @@ SPECS: dict[str, Spec] = {
     "custom_rating": Spec("column", optional=True),
     "min_rating": Spec("float", 0.0, 1e9),
     "seed": Spec("int", 0, 2**32 - 1),
-    "layers": Spec("int_list", 1, 65536),
-    "lr": Spec("float", 0.0, 1.0, low_open=True),
-    "weight_decay": Spec("float", 0.0, 1.0),
-    "dropout": Spec("float", 0.0, 1.0, high_open=True),
-    "batch_size": Spec("int", 1, 2**24),
-    "epochs": Spec("int", 1, 10000),
-    "negatives": Spec("int", 1, 1000),
+    "models": Spec("choice_list", choices=MODEL_NAMES),
+    # One section per model: its stage `train@<model>` reads exactly its own section.
+    "itempop": Spec("section", fields={}),
+    "mlp": Spec("section", fields={
+        "layers": Spec("int_list", 1, 65536), "dropout": Spec("float", 0.0, 1.0, high_open=True), **_LOOP}),
+    "gmf": Spec("section", fields={"factors": Spec("int", 1, 65536), **_LOOP}),
+    "neumf": Spec("section", fields={
+        "factors": Spec("int", 1, 65536), "layers": Spec("int_list", 1, 65536),
+        "dropout": Spec("float", 0.0, 1.0, high_open=True), "pretrain": Spec("bool"),
+        "pretrain_lr": Spec("float", 0.0, 1.0, low_open=True), "pretrain_epochs": Spec("int", 1, 10000), **_LOOP}),
+    "mf": Spec("section", fields={"factors": Spec("int", 1, 65536), **_LOOP}),
+    "ease": Spec("section", fields={"lambda": Spec("float", 0.0, 1e12, low_open=True)}),
     "test_negatives": Spec("int", 1, 100000),
     "topK": Spec("int", 1, 100001),
     "device": Spec("choice", choices=("auto", "cpu", "cuda")),
@@ -113,12 +132,35 @@ def _check_range(key: str, value: float, spec: Spec, shown: Any, source: str) ->
         raise PipelineError(f"{source}: '{key}' must be {spec.describe()}, got {shown!r}")
 
 
-def _convert(key: str, value: Any, source: str) -> Any:
-    spec = SPECS[key]
+def _convert(key: str, value: Any, source: str, spec: Spec | None = None) -> Any:
+    spec = spec or SPECS[key]
     bad = PipelineError(f"{source}: '{key}' must be {spec.describe()}, got {value!r}")
+    if spec.kind == "section":
+        if value is None and not spec.fields:
+            return {}
+        if not isinstance(value, dict):
+            raise bad
+        unknown = sorted(str(k) for k in value if k not in spec.fields)
+        if unknown:
+            raise PipelineError(f"{source}: unknown key(s) {', '.join(repr(f'{key}.{k}') for k in unknown)}; "
+                                f"'{key}' has {', '.join(spec.fields) or 'no keys'}")
+        missing = [k for k in spec.fields if k not in value]
+        if missing:
+            raise PipelineError(f"{source}: missing key(s) {', '.join(repr(f'{key}.{k}') for k in missing)}")
+        return {k: _convert(f"{key}.{k}", value[k], source, sub) for k, sub in spec.fields.items()}
     if spec.kind == "choice":
         if value not in spec.choices:
             raise bad
+        return value
+    if spec.kind == "choice_list":
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except Exception:  # noqa: BLE001 (reported below)
+                pass
+        if (not isinstance(value, list) or not value or len(set(map(str, value))) != len(value)
+                or any(v not in spec.choices for v in value)):
+            raise PipelineError(f"{source}: '{key}' must be {spec.describe()}, got {value!r}")
         return value
     if spec.kind == "bool":
         if isinstance(value, str) and value.strip().lower() in ("true", "false"):
@@ -168,11 +210,12 @@ def validate(raw: Any, source: str = PARAMS_FILE) -> dict[str, Any]:
     if missing:
         raise PipelineError(f"{source}: missing key(s) {', '.join(repr(k) for k in missing)}")
     params = {key: _convert(key, raw[key], source) for key in SPECS}
-    if params["layers"][0] % 2:
-        raise PipelineError(
-            f"{source}: 'layers' first entry must be even (it is split into a user and an item "
-            f"embedding of layers[0]/2 each), got {params['layers'][0]}"
-        )
+    for key in ("mlp", "neumf"):
+        if params[key]["layers"][0] % 2:
+            raise PipelineError(
+                f"{source}: '{key}.layers' first entry must be even (it is split into a user and an item "
+                f"embedding of half that size each), got {params[key]['layers'][0]}"
+            )
     if params["min_rating"] > 0 and params["dataset"] == "custom" and params["custom_rating"] == "":
         raise PipelineError(f"{source}: 'min_rating' is {params['min_rating']}, but custom_rating is '' "
                             "(the custom table has no rating column); set min_rating to 0")
