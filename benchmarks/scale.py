@@ -7,11 +7,11 @@ Usage, from the repository root with the venv on PATH (MOVIELENS_MIRROR for ml-1
     python benchmarks/scale.py --json benchmarks/results.json
 
 Each dataset runs in a scratch copy of params.yaml (the repository's outputs are not touched),
-stage by stage with the commands of dvc.yaml, not through DVC. At 1M and 20M the MLP trains for
-`--mlp-epochs` epochs (default 1) and its time is reported per epoch; at 20M it is skipped unless
---mlp-at-20m is given (an epoch is 180M pairs). The evaluate row at 1M/20M scores ItemPop only
-when the MLP was skipped. Then the MLP's training throughput is measured at batch sizes 256, 1024
-and 4096 with the default layers, split into batching, forward, backward and optimiser time.
+stage by stage with the commands of dvc.yaml (foreach expanded), not through DVC. ml-100k runs the
+committed params (every model). At 1M the models are ItemPop, EASE and the MLP for `--mlp-epochs`
+epochs (default 1); at 20M ItemPop only (an MLP epoch there is 180M pairs; add it with
+--mlp-at-20m). Then the MLP's training throughput is measured at batch sizes 256, 1024 and 4096
+with the default layers, split into batching, forward, backward and optimiser time.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.models import MLP  # noqa: E402
-from pipeline.train_mlp import THREADS, make_optimizer  # noqa: E402
+from pipeline.training import THREADS, make_optimizer  # noqa: E402
 
 MEASURE = (
     "import resource, subprocess, sys\n"
@@ -45,9 +45,20 @@ MEASURE = (
 )
 
 
-def run_stage(cmd: str, cwd: Path, extra: list[str]) -> tuple[float, float]:
+def expand(stages: dict, models: list[str]) -> list[tuple[str, str]]:
+    """Return (stage name, command) in dvc.yaml order, a `foreach: ${models}` stage once per model."""
+    out = []
+    for name, spec in stages.items():
+        if "foreach" in spec:
+            out += [(f"{name}@{m}", spec["do"]["cmd"].replace("${item}", m)) for m in models]
+        else:
+            out.append((name, spec["cmd"]))
+    return out
+
+
+def run_stage(cmd: str, cwd: Path) -> tuple[float, float]:
     """Run one stage command in cwd; return (wall seconds, peak RSS in MiB) of that process alone."""
-    argv = shlex.split(cmd) + extra
+    argv = shlex.split(cmd)
     argv[0] = sys.executable if argv[0] == "python" else argv[0]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     start = time.perf_counter()
@@ -70,24 +81,23 @@ def bench_dataset(name: str, mlp_epochs: int, mlp_at_20m: bool, keep: Path | Non
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["dataset"] = name
     params["custom_path"] = str(REPO / params["custom_path"])
-    big = name != "ml-100k"
-    skip_mlp = name == "synthetic-20m" and not mlp_at_20m
-    if big:
-        params["epochs"] = mlp_epochs
+    if name == "synthetic-1m":
+        params["models"] = ["itempop", "ease", "mlp"]
+        params["mlp"]["epochs"] = mlp_epochs
+    elif name != "ml-100k":
+        params["models"] = ["itempop", "mlp"] if mlp_at_20m else ["itempop"]
+        params["mlp"]["epochs"] = mlp_epochs
     workdir = Path(tempfile.mkdtemp(prefix=f"bench-{name}-", dir=keep))
     rows = []
     try:
         (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        for stage, spec in stages.items():
-            if stage == "train_mlp" and skip_mlp:
-                continue
-            extra = ["--models", "itempop"] if stage == "evaluate" and skip_mlp else []
-            seconds, peak = run_stage(spec["cmd"], workdir, extra)
+        for stage, cmd in expand(stages, params["models"]):
+            seconds, peak = run_stage(cmd, workdir)
             note = ""
-            if stage == "train_mlp" and big:
-                note = f"{mlp_epochs} epoch(s)"
-            if stage == "evaluate" and skip_mlp:
-                note = "ItemPop only"
+            if stage == "train@mlp" and name != "ml-100k":
+                note = f"{params['mlp']['epochs']} epoch(s)"
+            if stage == "evaluate":
+                note = "sampled and full ranking: " + ", ".join(params["models"])
             rows.append({"stage": stage, "seconds": round(seconds, 2), "peak_mib": round(peak), "note": note})
             print(f"  {name} {stage}: {seconds:.1f} s, {peak:.0f} MiB {note}", file=sys.stderr)
         n = interactions(workdir)
@@ -105,8 +115,8 @@ def throughput(batch_sizes: list[int], steps: int = 200) -> list[dict]:
     out = []
     for batch in batch_sizes:
         torch.manual_seed(0)
-        model = MLP(n_users, n_items, params["layers"])
-        optimizer = make_optimizer(model, {"lr": 0.001, "weight_decay": 1e-5})
+        model = MLP(n_users, n_items, params["mlp"]["layers"])
+        optimizer = make_optimizer(model, 0.001, 1e-5)
         loss_fn = torch.nn.BCEWithLogitsLoss(reduction="sum")
         n = batch * steps
         users, items = torch.randint(0, n_users, (n,)), torch.randint(0, n_items, (n,))
@@ -136,7 +146,7 @@ def throughput(batch_sizes: list[int], steps: int = 200) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=["ml-100k", "synthetic-1m", "synthetic-20m"])
-    parser.add_argument("--mlp-epochs", type=int, default=1, help="MLP epochs at 1M and 20M")
+    parser.add_argument("--mlp-epochs", type=int, default=1, help="MLP epochs at 1M (and 20M)")
     parser.add_argument("--mlp-at-20m", action="store_true", help="also train the MLP on synthetic-20m")
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks/results.json")
     parser.add_argument("--scratch", type=Path, default=None, help="keep the scratch folders under this folder")

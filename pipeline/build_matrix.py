@@ -20,7 +20,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from pipeline.common import PipelineError, run_stage
-from pipeline.data import Split, save_split
+from pipeline.data import RECENT_PER_USER, Split, save_split
 from pipeline.datasets import DATASETS, SOURCE_FILE, Table, read_interactions, read_titles
 from pipeline.params import load_params
 
@@ -181,7 +181,10 @@ def build(ratings: pd.DataFrame, titles: pd.DataFrame | None) -> tuple[Split, pd
                           shape=(n_users, n_items))
     train.sort_indices()
     # users is sorted, so each held-out list is already in user order.
-    split = Split(train, users[val_mask], items[val_mask], users[test_mask], items[test_mask])
+    ends = np.cumsum(np.bincount(users, minlength=n_users))
+    latest = ends[users] - np.arange(len(users)) <= RECENT_PER_USER  # each user's last few, any split
+    split = Split(train, users[val_mask], items[val_mask], users[test_mask], items[test_mask],
+                  (users[latest], items[latest], timestamps[latest]))
     skipped = n_users - len(split.test_users)
     if skipped:
         log.info("%d user(s) with fewer than 3 interactions kept in train only, not evaluated", skipped)

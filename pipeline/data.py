@@ -14,6 +14,8 @@ TRAIN_FILE = "train.npz"  # scipy CSR [n_users x n_items], 1.0 where the user in
 HELDOUT_FILE = "heldout.npz"  # validation and test (user, item) pairs, one per evaluated user
 USERS_FILE = "users.csv"  # user_index -> original MovieLens user_id
 ITEMS_FILE = "items.csv"  # item_index -> original MovieLens movie_id and title
+RECENT_FILE = "recent.npz"  # each user's latest interactions (any split), for showing a person's history
+RECENT_PER_USER = 5
 
 
 @dataclass
@@ -25,6 +27,7 @@ class Split:
     val_items: np.ndarray
     test_users: np.ndarray
     test_items: np.ndarray
+    recent: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (users, items, timestamps), by user then time
 
     @property
     def n_users(self) -> int:
@@ -68,6 +71,9 @@ def save_split(out_dir: Path, split: Split, users: pd.DataFrame, items: pd.DataF
             val_users=split.val_users, val_items=split.val_items,
             test_users=split.test_users, test_items=split.test_items,
         )
+        if split.recent is not None:
+            r_users, r_items, r_times = split.recent
+            np.savez(tmp / RECENT_FILE, users=r_users, items=r_items, timestamps=r_times)
         users.to_csv(tmp / USERS_FILE, index=False, lineterminator="\n")
         items.to_csv(tmp / ITEMS_FILE, index=False, lineterminator="\n")
 
@@ -79,6 +85,12 @@ def load_split(prepared_dir: str | Path) -> Split:
     train.sort_indices()
     with np.load(_need(prepared_dir / HELDOUT_FILE)) as z:
         return Split(train, z["val_users"], z["val_items"], z["test_users"], z["test_items"])
+
+
+def load_recent(prepared_dir: str | Path) -> pd.DataFrame:
+    """Return user_index, item_index, timestamp of each user's latest interactions, oldest first."""
+    with np.load(_need(Path(prepared_dir) / RECENT_FILE)) as z:
+        return pd.DataFrame({"user_index": z["users"], "item_index": z["items"], "timestamp": z["timestamps"]})
 
 
 def load_id_maps(prepared_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -45,7 +45,7 @@ def mrr(ranks: np.ndarray) -> float:
 
 
 def full_ranks(score_all: Callable[[np.ndarray], torch.Tensor], users: np.ndarray, heldout: np.ndarray,
-               seen: sp.csr_matrix, batch_users: int = 1024) -> np.ndarray:
+               seen: sp.csr_matrix, batch_elements: int = 4_000_000) -> np.ndarray:
     """Return each user's 0-based rank of its held-out item among ALL items it has not seen.
 
     `score_all(users)` gives [len(users), n_items] scores; items in the user's row of `seen`
@@ -56,6 +56,9 @@ def full_ranks(score_all: Callable[[np.ndarray], torch.Tensor], users: np.ndarra
     heldout = np.asarray(heldout, dtype=np.int64)
     seen = seen.tocsr()
     ranks = np.empty(len(users), dtype=np.int64)
+    n_items = seen.shape[1]
+    # About 16 MB of scores per batch: reused by the allocator instead of mapped afresh each time.
+    batch_users = max(1, batch_elements // max(n_items, 1))
     for lo in range(0, len(users), batch_users):
         u, items = users[lo:lo + batch_users], heldout[lo:lo + batch_users]
         scores = score_all(u).clone()
@@ -65,5 +68,5 @@ def full_ranks(score_all: Callable[[np.ndarray], torch.Tensor], users: np.ndarra
         seen_rows = torch.from_numpy(np.repeat(np.arange(len(u)), np.diff(block.indptr)))
         scores[seen_rows, torch.from_numpy(block.indices.astype(np.int64))] = -torch.inf
         scores[rows, torch.from_numpy(items)] = -torch.inf
-        ranks[lo:lo + len(u)] = (~(scores < held[:, None])).sum(dim=1).numpy()
+        ranks[lo:lo + len(u)] = n_items - (scores < held[:, None]).sum(dim=1).numpy()
     return ranks

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 from torch import nn
+
+from pipeline.common import PipelineError
 
 
 class ItemPop:
@@ -256,3 +259,34 @@ class EASE:
 
 
 MODEL_CLASSES = {"mlp": MLP, "gmf": GMF, "mf": MF, "neumf": NeuMF}
+
+
+def load_model(name: str, path: Path, train: sp.csr_matrix):
+    """Load a model written by `train@<name>` (tensors only: torch.load(weights_only=True))."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: not found; run `dvc repro` to train {name}") from None
+    except Exception as err:  # torch raises many kinds for a file that is not a checkpoint
+        raise PipelineError(f"{path}: not a readable model checkpoint ({type(err).__name__}: {err})") from None
+    try:
+        if name == "itempop":
+            model = ItemPop(state["counts"].numpy())
+        elif name == "ease":
+            model = EASE(state["weights"].float(), train)
+        else:
+            model = MODEL_CLASSES[name].from_state_dict(state)
+    except (KeyError, AttributeError, TypeError, ValueError) as err:
+        raise PipelineError(f"{path}: not {name} checkpoint ({err})") from None
+    if getattr(model, "n_items", train.shape[1]) != train.shape[1]:
+        raise PipelineError(f"{path}: {name} was trained on {model.n_items} items, the data has {train.shape[1]}; "
+                            "run `dvc repro`")
+    return model
+
+
+def full_scores(model, n_items: int):
+    """Return score_all(users) -> [users, n_items] float32 tensor for any model."""
+    if isinstance(model, ItemPop):
+        counts = torch.from_numpy(model.counts.astype(np.float32))
+        return lambda users: counts.expand(len(users), n_items)
+    return model.score_all

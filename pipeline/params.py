@@ -96,6 +96,8 @@ SPECS: dict[str, Spec] = {
     "test_negatives": Spec("int", 1, 100000),
     "topK": Spec("int", 1, 100001),
     "device": Spec("choice", choices=("auto", "cpu", "cuda")),
+    "recommend_model": Spec("choice", choices=MODEL_NAMES),
+    "recommend_n": Spec("int", 1, 1000),
 }
 
 
@@ -219,6 +221,9 @@ def validate(raw: Any, source: str = PARAMS_FILE) -> dict[str, Any]:
     if params["min_rating"] > 0 and params["dataset"] == "custom" and params["custom_rating"] == "":
         raise PipelineError(f"{source}: 'min_rating' is {params['min_rating']}, but custom_rating is '' "
                             "(the custom table has no rating column); set min_rating to 0")
+    if params["recommend_model"] not in params["models"]:
+        raise PipelineError(f"{source}: 'recommend_model' is {params['recommend_model']!r}, which is not in "
+                            f"'models' ({', '.join(params['models'])}); add it there or pick one of those")
     candidates = params["test_negatives"] + 1
     if params["topK"] > candidates:
         raise PipelineError(
