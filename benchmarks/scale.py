@@ -83,9 +83,11 @@ def bench_dataset(name: str, mlp_epochs: int, mlp_at_20m: bool, keep: Path | Non
     params["custom_path"] = str(REPO / params["custom_path"])
     if name == "synthetic-1m":
         params["models"] = ["itempop", "ease", "mlp"]
+        params["recommend_model"] = "ease"
         params["mlp"]["epochs"] = mlp_epochs
     elif name != "ml-100k":
         params["models"] = ["itempop", "mlp"] if mlp_at_20m else ["itempop"]
+        params["recommend_model"] = "itempop"
         params["mlp"]["epochs"] = mlp_epochs
     workdir = Path(tempfile.mkdtemp(prefix=f"bench-{name}-", dir=keep))
     rows = []

@@ -61,12 +61,15 @@ def full_ranks(score_all: Callable[[np.ndarray], torch.Tensor], users: np.ndarra
     batch_users = max(1, batch_elements // max(n_items, 1))
     for lo in range(0, len(users), batch_users):
         u, items = users[lo:lo + batch_users], heldout[lo:lo + batch_users]
-        scores = score_all(u).clone()
+        scores = score_all(u)
         rows = torch.arange(len(u))
         held = scores[rows, torch.from_numpy(items)].clone()
         block = seen[u]
         seen_rows = torch.from_numpy(np.repeat(np.arange(len(u)), np.diff(block.indptr)))
-        scores[seen_rows, torch.from_numpy(block.indices.astype(np.int64))] = -torch.inf
-        scores[rows, torch.from_numpy(items)] = -torch.inf
-        ranks[lo:lo + len(u)] = n_items - (scores < held[:, None]).sum(dim=1).numpy()
+        masked = torch.zeros(scores.shape, dtype=torch.bool)
+        masked[seen_rows, torch.from_numpy(block.indices.astype(np.int64))] = True
+        masked[rows, torch.from_numpy(items)] = True
+        # Not strictly below the held-out score (so ties and NaN rank above it), and not masked.
+        above = ~(scores < held[:, None]) & ~masked
+        ranks[lo:lo + len(u)] = above.sum(dim=1).numpy()
     return ranks

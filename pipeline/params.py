@@ -179,6 +179,8 @@ def _convert(key: str, value: Any, source: str, spec: Spec | None = None) -> Any
             raise bad
         if value == "" and not spec.optional:
             raise bad
+        if isinstance(value, str) and value.strip().startswith("-") and value.strip()[1:].isdigit():
+            raise bad  # a negative position
         return value
     if spec.kind == "int_list":
         if isinstance(value, str):
@@ -187,7 +189,8 @@ def _convert(key: str, value: Any, source: str, spec: Spec | None = None) -> Any
             except Exception:  # noqa: BLE001 (YAML raises many kinds for odd text); the check below reports it
                 pass
         if not isinstance(value, list) or not value:
-            raise PipelineError(f"{source}: '{key}' must be a non-empty {spec.describe()}, got {value!r}")
+            raise PipelineError(f"{source}: '{key}' must be {spec.describe().replace('a list', 'a non-empty list', 1)}, "
+                                f"got {value!r}")
         items = [_to_int(key, v, spec, source) for v in value]
         for v in items:
             _check_range(key, v, spec, value, source)

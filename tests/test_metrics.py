@@ -1,12 +1,17 @@
-"""Ranking metrics on hand-computed cases: column 0 of each score row is the held-out item."""
+"""Ranking metrics: hand-computed cases (column 0 of each score row is the held-out item), full
+ranking against a brute force, and the sampled and full protocols agreeing when the candidates are
+every item the user has not seen."""
 from __future__ import annotations
 
 import math
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
+import torch
 
-from pipeline.metrics import heldout_rank, hit_ratio, hit_ratio_curve, ndcg
+from pipeline.metrics import full_ranks, heldout_rank, hit_ratio, hit_ratio_curve, mrr, ndcg
+from pipeline.models import MF, ItemPop, full_scores
 
 
 # --- heldout_rank -------------------------------------------------------------------------------
@@ -171,3 +176,168 @@ def test_hit_ratio_curve_random_ranks():
     np.testing.assert_allclose(curve, [hit_ratio(ranks, k) for k in range(1, 22)])
     assert curve[-1] == 1.0  # every rank is < the number of candidates
     assert np.all(np.diff(curve) >= 0)
+
+
+# --- mrr -----------------------------------------------------------------------------------------
+
+def test_mrr_of_a_perfect_ranking_is_one():
+    assert mrr(np.array([0, 0, 0])) == 1.0
+    assert mrr(heldout_rank(np.array([[3.0, 1.0, 2.0], [0.0, -1.0, -2.0]]))) == 1.0
+
+
+@pytest.mark.parametrize(
+    "ranks, expected",
+    [
+        ([0, 1, 3], (1 + 1 / 2 + 1 / 4) / 3),
+        ([1], 0.5),
+        ([9, 0], (1 / 10 + 1) / 2),
+        ([0, 1, 3, 12], (1 + 1 / 2 + 1 / 4 + 1 / 13) / 4),
+    ],
+)
+def test_mrr_hand_computed(ranks, expected):
+    value = mrr(np.array(ranks))
+    assert type(value) is float
+    assert value == pytest.approx(expected)
+
+
+def test_mrr_has_no_cutoff():
+    assert mrr(np.array([999])) == pytest.approx(1 / 1000)
+
+
+# --- full_ranks ----------------------------------------------------------------------------------
+
+def brute_force_full_ranks(scores: np.ndarray, heldout: np.ndarray, seen: sp.csr_matrix) -> list[int]:
+    """Rank of each user's held-out item among the items it has not seen (itself excluded): the
+    number of those items scored at least as high (ties pessimistic) or NaN."""
+    dense = seen.toarray() != 0
+    ranks = []
+    for u, h in enumerate(heldout):
+        ranks.append(sum(1 for j in range(scores.shape[1])
+                         if j != h and not dense[u, j] and (scores[u, j] >= scores[u, h] or math.isnan(scores[u, j]))))
+    return ranks
+
+
+def random_seen(rng, n_users: int, n_items: int, density: float) -> sp.csr_matrix:
+    return sp.csr_matrix((rng.random((n_users, n_items)) < density).astype(np.float32))
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("batch_users", [1, 3, 1024])
+def test_full_ranks_matches_brute_force(seed, batch_users):
+    """In batches of 1, 3 and all the users (batch_elements counts scores: users x items)."""
+    rng = np.random.default_rng(seed)
+    n_users, n_items = 23, 17
+    scores = rng.integers(0, 5, size=(n_users, n_items)).astype(np.float32)  # many ties
+    scores[rng.random(scores.shape) < 0.05] = np.nan  # NaN candidates rank above the held-out item
+    heldout = rng.integers(0, n_items, size=n_users)
+    scores[np.arange(n_users), heldout] = rng.integers(0, 5, size=n_users)  # a finite held-out score
+    seen = random_seen(rng, n_users, n_items, 0.3).tolil()
+    seen[np.arange(3), heldout[:3]] = 1.0  # a held-out item that is also in `seen` is still left out once
+    seen = seen.tocsr()
+    table = torch.from_numpy(scores)
+    calls = []
+
+    def score_all(users):
+        calls.append(len(users))
+        return table[torch.from_numpy(users)]
+
+    ranks = full_ranks(score_all, np.arange(n_users), heldout, seen, batch_elements=batch_users * n_items)
+    expected = brute_force_full_ranks(scores, heldout, seen)
+    assert ranks.tolist() == expected
+    assert len(set(expected)) > 3
+    assert calls == [min(batch_users, n_users - lo) for lo in range(0, n_users, batch_users)]
+
+
+def test_full_ranks_on_a_subset_of_users_in_any_order():
+    rng = np.random.default_rng(7)
+    scores = rng.normal(size=(10, 12)).astype(np.float32)
+    seen = random_seen(rng, 10, 12, 0.25)
+    users = np.array([7, 2, 2, 9, 0])
+    heldout = np.array([3, 0, 11, 5, 5])
+    table = torch.from_numpy(scores)
+    ranks = full_ranks(lambda u: table[torch.from_numpy(u)], users, heldout, seen, batch_elements=2 * 12)
+    assert ranks.tolist() == brute_force_full_ranks(scores[users], heldout, seen[users])
+
+
+def test_full_ranks_hand_computed():
+    scores = torch.tensor([[0.5, 0.9, 0.5, 0.1, 0.7, 0.5]])
+    seen = sp.csr_matrix(np.array([[0, 1, 0, 0, 0, 1]], np.float32))  # item 1 (0.9) and item 5 (a tie)
+    # the unseen others: item 2 (a tie: ranks above), item 3 (below), item 4 (above)
+    assert full_ranks(lambda u: scores, np.array([0]), np.array([0]), seen).tolist() == [2]
+
+
+def test_full_ranks_leaves_the_score_matrix_alone():
+    table = torch.arange(12, dtype=torch.float32).reshape(2, 6)
+    before = table.clone()
+    seen = sp.csr_matrix(np.eye(2, 6, dtype=np.float32))
+    assert full_ranks(lambda u: table, np.arange(2), np.array([3, 4]), seen).tolist() == [2, 1]
+    assert torch.equal(table, before)
+
+
+@pytest.mark.parametrize("held", [math.nan, -math.inf])
+def test_full_ranks_nan_or_minus_inf_heldout_ranks_last_among_unseen(held):
+    scores = torch.tensor([[held, 0.5, 0.1, 0.9, 0.2]])
+    seen = sp.csr_matrix(np.array([[0, 1, 0, 0, 0]], np.float32))
+    # the unseen others are items 2, 3 and 4: the last place is rank 3, as heldout_rank says
+    assert heldout_rank(scores[:, [0, 2, 3, 4]].numpy()).tolist() == [3]
+    assert full_ranks(lambda u: scores, np.array([0]), np.array([0]), seen).tolist() == [3]
+
+
+# --- sampled and full protocols agree when the candidates are every unseen item ------------------
+
+def every_unseen_candidates(seen: sp.csr_matrix, heldout: np.ndarray) -> np.ndarray:
+    """[users, 1 + unseen]: column 0 the held-out item, then every item the user has not seen."""
+    dense = seen.toarray() != 0
+    rows = []
+    for u, h in enumerate(heldout):
+        rows.append([h, *(j for j in range(seen.shape[1]) if j != h and not dense[u, j])])
+    assert len({len(r) for r in rows}) == 1, "every user has as many seen items"
+    return np.array(rows)
+
+
+def equal_size_seen(rng, n_users: int, n_items: int, per_user: int) -> tuple[sp.csr_matrix, np.ndarray]:
+    """A `seen` CSR with per_user items for every user, and each user's held-out item outside it."""
+    rows, cols, heldout = [], [], []
+    for u in range(n_users):
+        chosen = rng.choice(n_items, per_user + 1, replace=False)
+        rows += [u] * per_user
+        cols += chosen[1:].tolist()
+        heldout.append(chosen[0])
+    seen = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(n_users, n_items))
+    return seen, np.array(heldout)
+
+
+def random_mf(n_users: int, n_items: int) -> MF:
+    torch.manual_seed(0)
+    model = MF(n_users, n_items, 4)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_()
+    return model
+
+
+@pytest.mark.parametrize("scorer", ["ties", "itempop", "mf"])
+def test_sampled_and_full_metrics_agree_on_every_unseen_item(scorer):
+    rng = np.random.default_rng(11)
+    n_users, n_items, n_seen, k = 30, 20, 6, 5
+    seen, heldout = equal_size_seen(rng, n_users, n_items, n_seen)
+    if scorer == "ties":
+        table = torch.from_numpy(rng.integers(0, 4, size=(n_users, n_items)).astype(np.float32))
+
+        def score_all(users):
+            return table[torch.from_numpy(np.asarray(users))]
+    elif scorer == "itempop":
+        score_all = full_scores(ItemPop(rng.integers(0, 5, size=n_items)), n_items)
+    else:
+        score_all = full_scores(random_mf(n_users, n_items), n_items)
+    users = np.arange(n_users)
+    cands = every_unseen_candidates(seen, heldout)
+    assert cands.shape == (n_users, n_items - n_seen)
+    sampled = heldout_rank(np.take_along_axis(score_all(users).numpy(), cands, axis=1))
+    full = full_ranks(score_all, users, heldout, seen, batch_elements=7 * n_items)
+    np.testing.assert_array_equal(sampled, full)
+    assert len(set(full.tolist())) > 3  # spread ranks, not all first or all last
+    assert hit_ratio(sampled, k) == hit_ratio(full, k)
+    assert ndcg(sampled, k) == ndcg(full, k)
+    assert mrr(sampled) == mrr(full)
+    np.testing.assert_array_equal(hit_ratio_curve(sampled, 10), hit_ratio_curve(full, 10))

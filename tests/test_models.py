@@ -1,4 +1,6 @@
-"""ItemPop and the NCF MLP: shapes, scoring, checkpoint round trips, and training on a toy problem."""
+"""The models: shapes, scoring (score and score_all), checkpoint round trips, NeuMF.from_pretrained, EASE.
+
+Training on toy problems is in test_training.py."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,17 +8,16 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from pipeline.data import Candidates
+from pipeline.common import PipelineError
 from pipeline.metrics import heldout_rank
-from pipeline.models import MLP, ItemPop
-from pipeline.train_mlp import evaluate_ranking, train
+from pipeline.models import EASE, GMF, MF, MLP, MODEL_CLASSES, ItemPop, NeuMF, PairScorer, full_scores, load_model
 
 N_USERS, N_ITEMS = 7, 11
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Training and scoring bit-for-bit reproducible, as in the train_mlp stage."""
+    """Training and scoring bit-for-bit reproducible, as in the train stages."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -177,82 +178,265 @@ def test_from_state_dict_rejects_non_tensors():
         MLP.from_state_dict({"user_embedding.weight": [1, 2], "item_embedding.weight": [3]})
 
 
-# --- training ------------------------------------------------------------------------------------
+# --- GMF, MF, NeuMF: construction and a random model of each kind ---------------------------------
 
-def planted_problem(n_users: int = 40, n_items: int = 30, negatives: int = 5, seed: int = 0):
-    """Two user groups, each liking one half of the items; one liked item per user held out.
+def make_model(name: str, seed: int = 0, dropout: float = 0.0) -> PairScorer:
+    """A model of MODEL_CLASSES[name] with every parameter drawn at random (biases included), so
+    that every part of its formula moves the scores."""
+    torch.manual_seed(seed)
+    if name == "mlp":
+        model = MLP(N_USERS, N_ITEMS, [16, 8], dropout)
+    elif name == "gmf":
+        model = GMF(N_USERS, N_ITEMS, 6)
+    elif name == "mf":
+        model = MF(N_USERS, N_ITEMS, 6)
+    else:
+        model = NeuMF(N_USERS, N_ITEMS, 6, [16, 8, 4], dropout)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(std=0.7)
+    return model
 
-    Returns the train CSR and validation candidates: column 0 the held-out liked item, the other
-    columns items from the other half (which nobody in the user's group interacted with).
-    """
+
+NEURAL = sorted(MODEL_CLASSES)  # gmf, mf, mlp, neumf
+
+
+def test_model_classes_are_the_four_neural_models():
+    assert MODEL_CLASSES == {"mlp": MLP, "gmf": GMF, "mf": MF, "neumf": NeuMF}
+
+
+@pytest.mark.parametrize("name", NEURAL)
+def test_forward_gives_one_logit_per_pair(name):
+    model = make_model(name)
+    assert model.n_items == N_ITEMS
+    out = model(torch.tensor([0, 1, 2, 6]), torch.tensor([10, 3, 3, 0]))
+    assert out.shape == (4,) and out.dtype == torch.float32
+    users, items = candidate_grid(3, 5)
+    grid = model(torch.as_tensor(users)[:, None].expand(3, 5), torch.as_tensor(items))
+    assert grid.shape == (3, 5)
+    flat = model(torch.as_tensor(users).repeat_interleave(5), torch.as_tensor(items).reshape(-1))
+    torch.testing.assert_close(grid.reshape(-1), flat)
+
+
+def test_gmf_is_a_weighted_product_of_the_embeddings():
+    model = make_model("gmf")
+    u, i = torch.tensor([0, 3, 6]), torch.tensor([1, 10, 4])
+    p, q = model.user_embedding.weight[u], model.item_embedding.weight[i]
+    expected = (p * q) @ model.output.weight[0] + model.output.bias
+    torch.testing.assert_close(model(u, i), expected)
+
+
+def test_mf_is_biased_dot_product():
+    model = make_model("mf")
+    u, i = torch.tensor([0, 3, 6, 6]), torch.tensor([1, 10, 4, 0])
+    expected = ((model.user_embedding.weight[u] * model.item_embedding.weight[i]).sum(1)
+                + model.user_bias.weight[u, 0] + model.item_bias.weight[i, 0] + model.bias)
+    torch.testing.assert_close(model(u, i), expected)
+
+
+def test_mf_starts_with_zero_biases():
+    model = MF(N_USERS, N_ITEMS, 4)
+    assert not model.user_bias.weight.any() and not model.item_bias.weight.any() and model.bias.item() == 0.0
+
+
+def test_neumf_concatenates_both_branches():
+    model = make_model("neumf")
+    assert model.output.in_features == 6 + 4
+    assert not hasattr(model.gmf, "output") and not hasattr(model.mlp, "output")
+    u, i = torch.tensor([0, 3, 6]), torch.tensor([1, 10, 4])
+    both = torch.cat([model.gmf.hidden(u, i), model.mlp.hidden(u, i)], dim=-1)
+    torch.testing.assert_close(model(u, i), model.output(both).squeeze(-1))
+
+
+# --- checkpoints of every neural model -----------------------------------------------------------
+
+@pytest.mark.parametrize("name", NEURAL)
+def test_from_state_dict_round_trip_through_torch_save(name, tmp_path):
+    model = make_model(name)
+    path = tmp_path / f"{name}.pt"
+    torch.save(model.state_dict(), path)
+    state = torch.load(path, weights_only=True)
+    rebuilt = MODEL_CLASSES[name].from_state_dict(state)
+    assert type(rebuilt) is type(model) and rebuilt.training is False
+    assert rebuilt.n_items == N_ITEMS
+    assert rebuilt.state_dict().keys() == model.state_dict().keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[key], value), key
+    users, items = candidate_grid(6, 5)
+    np.testing.assert_array_equal(rebuilt.score(users, items), model.score(users, items))
+    torch.testing.assert_close(rebuilt.score_all(np.arange(N_USERS)), model.score_all(np.arange(N_USERS)),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", NEURAL)
+def test_load_model_reads_a_saved_checkpoint(name, tmp_path):
+    model = make_model(name)
+    path = tmp_path / f"{name}.pt"
+    torch.save(model.state_dict(), path)
+    train = sp.csr_matrix((N_USERS, N_ITEMS), dtype=np.float32)
+    users, items = candidate_grid()
+    np.testing.assert_array_equal(load_model(name, path, train).score(users, items), model.score(users, items))
+    with pytest.raises(PipelineError, match=f"trained on {N_ITEMS} items, the data has {N_ITEMS + 1}"):
+        load_model(name, path, sp.csr_matrix((N_USERS, N_ITEMS + 1), dtype=np.float32))
+
+
+@pytest.mark.parametrize("name, other", [(a, b) for a in NEURAL for b in NEURAL if a != b])
+def test_another_models_state_dict_is_rejected(name, other):
+    cls = MODEL_CLASSES[name]
+    with pytest.raises(ValueError, match=f"not {cls.label} state_dict"):
+        cls.from_state_dict(make_model(other).state_dict())
+
+
+@pytest.mark.parametrize("name", ["gmf", "mf", "neumf"])
+def test_from_state_dict_missing_or_misshapen_tensor_raises_value_error(name):
+    cls = MODEL_CLASSES[name]
+    good = make_model(name).state_dict()
+    for key in good:
+        state = dict(good)
+        del state[key]
+        with pytest.raises(ValueError, match=f"not {cls.label} state_dict"):
+            cls.from_state_dict(state)
+    misshapen = {"gmf": "output.weight", "mf": "item_bias.weight", "neumf": "mlp.item_embedding.weight"}[name]
+    state = dict(good)
+    state[misshapen] = torch.zeros(good[misshapen].shape[0] + 1, good[misshapen].shape[1])
+    with pytest.raises(ValueError, match=f"not {cls.label} state_dict"):
+        cls.from_state_dict(state)
+    with pytest.raises(ValueError, match=f"not {cls.label} state_dict"):
+        cls.from_state_dict({k: v.tolist() for k, v in good.items()})
+    with pytest.raises(ValueError, match=f"not {cls.label} state_dict"):
+        cls.from_state_dict({})
+
+
+# --- NeuMF.from_pretrained -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("alpha", [0.5, 0.3, 0.0, 1.0])
+@pytest.mark.parametrize("dropout", [0.0, 0.4])
+def test_from_pretrained_mixes_the_two_logits(alpha, dropout):
+    torch.manual_seed(3)
+    gmf = GMF(N_USERS, N_ITEMS, 5)
+    mlp = MLP(N_USERS, N_ITEMS, [12, 6, 4], dropout)
+    with torch.no_grad():
+        for param in [*gmf.parameters(), *mlp.parameters()]:
+            param.normal_(std=0.7)
+    neumf = NeuMF.from_pretrained(gmf, mlp, alpha)
+    assert neumf.output.in_features == 5 + 4
+    assert [layer.out_features for layer in neumf.mlp.tower] == [6, 4]
+    assert neumf.mlp.dropout == dropout
+    users, items = candidate_grid(7, 11, seed=1)
+    expected = alpha * gmf.score(users, items) + (1 - alpha) * mlp.score(users, items)
+    assert np.abs(expected).max() > 1.0  # not a degenerate check
+    np.testing.assert_allclose(neumf.score(users, items), expected, rtol=1e-5, atol=1e-5)
+    # the branches hold copies of the trained embeddings and towers
+    for key, value in gmf.state_dict().items():
+        if not key.startswith("output."):
+            assert torch.equal(neumf.gmf.state_dict()[key], value), key
+    for key, value in mlp.state_dict().items():
+        if not key.startswith("output."):
+            assert torch.equal(neumf.mlp.state_dict()[key], value), key
+
+
+def test_from_pretrained_copies_rather_than_shares():
+    gmf, mlp = GMF(N_USERS, N_ITEMS, 4), MLP(N_USERS, N_ITEMS, [8, 4])
+    before = gmf.user_embedding.weight.clone(), mlp.tower[0].weight.clone()
+    neumf = NeuMF.from_pretrained(gmf, mlp)
+    with torch.no_grad():
+        for param in neumf.parameters():
+            param.add_(1.0)
+    assert torch.equal(gmf.user_embedding.weight, before[0]) and torch.equal(mlp.tower[0].weight, before[1])
+
+
+def test_pretrained_neumf_round_trips(tmp_path):
+    gmf, mlp = make_model("gmf"), make_model("mlp", seed=1)
+    neumf = NeuMF.from_pretrained(gmf, mlp, 0.5)
+    torch.save(neumf.state_dict(), tmp_path / "neumf.pt")
+    rebuilt = NeuMF.from_state_dict(torch.load(tmp_path / "neumf.pt", weights_only=True))
+    users, items = candidate_grid()
+    np.testing.assert_array_equal(rebuilt.score(users, items), neumf.score(users, items))
+
+
+# --- score_all -----------------------------------------------------------------------------------
+
+def dense_history(seed: int = 0) -> sp.csr_matrix:
     rng = np.random.default_rng(seed)
-    half = n_items // 2
-    dense = np.zeros((n_users, n_items), np.float32)
-    held = np.empty(n_users, np.int64)
-    others = np.empty((n_users, negatives), np.int64)
-    for u in range(n_users):
-        liked = np.arange(half) + (0 if u < n_users // 2 else half)
-        held[u] = liked[u % half]
-        dense[u, liked] = 1.0
-        dense[u, held[u]] = 0.0
-        others[u] = rng.choice(np.setdiff1d(np.arange(n_items), liked), negatives, replace=False)
-    return sp.csr_matrix(dense), Candidates(np.arange(n_users), np.column_stack([held, others]))
+    x = (rng.random((N_USERS, N_ITEMS)) < 0.4).astype(np.float32)
+    x[0] = 0.0  # a user with no history
+    return sp.csr_matrix(x)
 
 
-TOY_PARAMS = {"seed": 2, "layers": [16, 8], "lr": 0.01, "weight_decay": 0.0, "dropout": 0.0,
-              "batch_size": 64, "epochs": 20, "negatives": 2, "test_negatives": 5, "topK": 1}
+def every_model() -> dict:
+    train = dense_history()
+    models = {name: make_model(name, dropout=0.3 if name in ("mlp", "neumf") else 0.0) for name in NEURAL}
+    models["ease"] = EASE(EASE.fit(train, 2.0), train)
+    models["itempop"] = ItemPop(np.bincount(train.indices, minlength=N_ITEMS))
+    return models
 
 
-@pytest.fixture(scope="module")
-def toy_run():
-    torch.set_num_threads(1)
-    train_csr, val = planted_problem()
-    state, curve, best_epoch = train(train_csr, val, dict(TOY_PARAMS))
-    return train_csr, val, state, curve, best_epoch
+@pytest.mark.parametrize("name", NEURAL + ["ease", "itempop"])
+def test_score_all_gathered_at_the_candidates_equals_score(name):
+    model = every_model()[name]
+    users = np.array([0, 6, 2, 2, 5])
+    everything = full_scores(model, N_ITEMS)(users)
+    assert isinstance(everything, torch.Tensor)
+    assert everything.shape == (len(users), N_ITEMS) and everything.dtype == torch.float32
+    _, items = candidate_grid(len(users), 7, seed=2)
+    gathered = np.take_along_axis(everything.numpy(), items, axis=1)
+    np.testing.assert_allclose(gathered, model.score(users, items), rtol=1e-5, atol=1e-5)
+    # and against every item in one call
+    np.testing.assert_allclose(everything.numpy(), model.score(users, np.tile(np.arange(N_ITEMS), (len(users), 1))),
+                               rtol=1e-5, atol=1e-5)
 
 
-def test_training_learns_the_planted_structure(toy_run):
-    _, val, state, curve, best_epoch = toy_run
-    assert [row.epoch for row in curve] == list(range(1, TOY_PARAMS["epochs"] + 1))
-    first, last = curve[0].loss, curve[-1].loss
-    assert first == pytest.approx(np.log(2), abs=0.1)  # near-zero logits at the start
-    assert last < 0.5 * first
-    best = curve[best_epoch - 1]
-    assert best.val_hr >= 0.8  # HR@1 against 5 items of the other half
-    assert best.val_hr == max(row.val_hr for row in curve)
-    # the kept state is the best epoch's, not the last one's
-    model = MLP.from_state_dict(state)
-    hr, nd = evaluate_ranking(model, val, TOY_PARAMS["topK"])
-    assert (hr, nd) == pytest.approx((best.val_hr, best.val_ndcg))
+@pytest.mark.parametrize("name", NEURAL)
+@pytest.mark.parametrize("training", [True, False])
+def test_score_all_runs_in_eval_mode_and_keeps_the_mode(name, training):
+    model = make_model(name, dropout=0.5)
+    model.train(training)
+    first = model.score_all(np.arange(N_USERS))
+    assert model.training is training
+    torch.testing.assert_close(model.score_all(np.arange(N_USERS)), first, rtol=0, atol=0)
 
 
-def test_trained_model_prefers_its_groups_half(toy_run):
-    _, _, state, _, _ = toy_run
-    model = MLP.from_state_dict(state)
-    users = np.arange(40)
-    scores = model.score(users, np.tile(np.arange(30), (40, 1)))
-    own = np.where(users[:, None] < 20, np.arange(30) < 15, np.arange(30) >= 15)
-    # on average, a user's own half scores above the other half for every user
-    assert np.all(scores[own].reshape(40, 15).mean(1) > scores[~own].reshape(40, 15).mean(1))
+def test_mf_score_all_matrix_product_equals_the_generic_one():
+    model = make_model("mf")
+    users = np.array([3, 0, 6, 3, 1])
+    fast = model.score_all(users)
+    generic = PairScorer.score_all(model, users)
+    assert fast.shape == generic.shape == (len(users), N_ITEMS) and fast.dtype == generic.dtype == torch.float32
+    torch.testing.assert_close(fast, generic, rtol=1e-5, atol=1e-5)
+    assert generic.std() > 0.5  # the biases and factors all count
 
 
-def test_best_epoch_is_the_earliest_best():
-    train_csr, val = planted_problem()
-    _, curve, best_epoch = train(train_csr, val, dict(TOY_PARAMS, epochs=4))
-    keys = [(row.val_hr, row.val_ndcg) for row in curve]
-    assert best_epoch == 1 + keys.index(max(keys))
+# --- EASE ----------------------------------------------------------------------------------------
+
+def ease_by_hand(x: np.ndarray, lam: float) -> np.ndarray:
+    """B = I - P diag(1/diag(P)), P = (X^T X + lam I)^-1, diagonal zeroed (Steck 2019, eq. 8)."""
+    p = np.linalg.inv(x.T @ x + lam * np.eye(x.shape[1]))
+    b = np.eye(x.shape[1]) - p @ np.diag(1.0 / np.diag(p))
+    np.fill_diagonal(b, 0.0)
+    return b
 
 
-def test_training_is_deterministic():
-    train_csr, val = planted_problem(n_users=20, n_items=16)
-    params = dict(TOY_PARAMS, epochs=3, dropout=0.2, weight_decay=0.01, seed=7)
-    state_a, curve_a, best_a = train(train_csr, val, params)
-    state_b, curve_b, best_b = train(train_csr, val, params)
-    assert best_a == best_b
-    assert [(r.loss, r.val_hr, r.val_ndcg) for r in curve_a] == [(r.loss, r.val_hr, r.val_ndcg) for r in curve_b]
-    assert state_a.keys() == state_b.keys()
-    for key in state_a:
-        assert torch.equal(state_a[key], state_b[key]), key
-    # and the seed matters
-    state_c, _, _ = train(train_csr, val, dict(params, seed=8))
-    assert not torch.equal(state_a["user_embedding.weight"], state_c["user_embedding.weight"])
+@pytest.mark.parametrize("lam", [0.5, 3.0, 300.0])
+def test_ease_fit_matches_the_closed_form(lam):
+    x = dense_history(seed=4).toarray().astype(np.float64)
+    weights = EASE.fit(sp.csr_matrix(x), lam)
+    assert weights.dtype == torch.float32 and weights.shape == (N_ITEMS, N_ITEMS)
+    expected = ease_by_hand(x, lam)
+    np.testing.assert_allclose(weights.numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert np.all(np.diag(weights.numpy()) == 0.0)
+    assert np.abs(expected).max() > 1e-3  # not an all-zero check
+
+
+def test_ease_scores_are_history_times_weights():
+    train = dense_history(seed=5)
+    x = train.toarray().astype(np.float64)
+    model = EASE(EASE.fit(train, 1.5), train)
+    assert model.n_items == N_ITEMS
+    expected = x @ ease_by_hand(x, 1.5)
+    users = np.array([4, 0, 2, 4])
+    np.testing.assert_allclose(model.score_all(users).numpy(), expected[users], rtol=1e-4, atol=1e-5)
+    assert not model.score_all(np.array([0])).any()  # no history, no scores
+    _, items = candidate_grid(4, 3, seed=6)
+    scores = model.score(users, items)
+    assert scores.dtype == np.float64
+    np.testing.assert_allclose(scores, np.take_along_axis(expected[users], items, axis=1), rtol=1e-4, atol=1e-5)

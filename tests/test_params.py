@@ -20,32 +20,40 @@ def base() -> dict:
 
 
 def with_(base: dict, **changes) -> dict:
+    """A copy of base with keys replaced; 'mlp.lr' replaces lr inside the mlp section."""
     raw = copy.deepcopy(base)
-    raw.update(changes)
+    for key, value in changes.items():
+        section, _, field = key.rpartition(".")
+        (raw[section] if section else raw)[field] = value
     return raw
+
+
+def pick(params: dict, key: str):
+    """params['mlp']['lr'] for 'mlp.lr'."""
+    section, _, field = key.rpartition(".")
+    return (params[section] if section else params)[field]
 
 
 def test_repository_params_validate(base):
     params = load_params(REPO_PARAMS)
     assert set(params) == set(SPECS)
     assert params == validate(base)
-    assert isinstance(params["lr"], float) and isinstance(params["seed"], int)
-    assert isinstance(params["layers"], list) and all(isinstance(v, int) for v in params["layers"])
-    assert params["layers"][0] % 2 == 0
+    assert isinstance(params["mlp"]["lr"], float) and isinstance(params["seed"], int)
+    layers = params["mlp"]["layers"]
+    assert isinstance(layers, list) and all(isinstance(v, int) for v in layers) and layers[0] % 2 == 0
     assert params["topK"] <= params["test_negatives"] + 1
 
 
-NUMERIC = ("seed", "layers", "lr", "weight_decay", "dropout", "batch_size", "epochs", "negatives",
-           "test_negatives", "topK")
+NUMERIC = ("seed", "mlp.layers", "mlp.lr", "mlp.weight_decay", "mlp.dropout", "mlp.batch_size", "mlp.epochs",
+           "mlp.negatives", "test_negatives", "topK")
 
 
 def test_validate_returns_a_copy_with_the_same_values(base):
-    raw = with_(base, seed=3, layers=[8, 4], lr=0.5, weight_decay=1, dropout=0, batch_size=1,
-                epochs=1, negatives=1, test_negatives=1, topK=2)
-    params = {k: v for k, v in validate(raw).items() if k in NUMERIC}
-    assert params == {"seed": 3, "layers": [8, 4], "lr": 0.5, "weight_decay": 1.0, "dropout": 0.0,
-                      "batch_size": 1, "epochs": 1, "negatives": 1, "test_negatives": 1, "topK": 2}
-    assert type(params["weight_decay"]) is float and type(params["dropout"]) is float
+    values = {"seed": 3, "mlp.layers": [8, 4], "mlp.lr": 0.5, "mlp.weight_decay": 1, "mlp.dropout": 0,
+              "mlp.batch_size": 1, "mlp.epochs": 1, "mlp.negatives": 1, "test_negatives": 1, "topK": 2}
+    params = {k: pick(validate(with_(base, **values)), k) for k in NUMERIC}
+    assert params == {**values, "mlp.weight_decay": 1.0, "mlp.dropout": 0.0}
+    assert type(params["mlp.weight_decay"]) is float and type(params["mlp.dropout"]) is float
 
 
 # --- conversions of the strings DVC writes -------------------------------------------------------
@@ -53,37 +61,38 @@ def test_validate_returns_a_copy_with_the_same_values(base):
 @pytest.mark.parametrize(
     "key, value, expected",
     [
-        ("lr", "1e-05", 1e-05),
-        ("lr", " 0.5 ", 0.5),
-        ("lr", 1, 1.0),
-        ("weight_decay", "0", 0.0),
-        ("dropout", "0.25", 0.25),
-        ("negatives", "8", 8),
-        ("epochs", "3", 3),
+        ("mlp.lr", "1e-05", 1e-05),
+        ("mlp.lr", " 0.5 ", 0.5),
+        ("mlp.lr", 1, 1.0),
+        ("mlp.weight_decay", "0", 0.0),
+        ("mlp.dropout", "0.25", 0.25),
+        ("mlp.negatives", "8", 8),
+        ("mlp.epochs", "3", 3),
         ("seed", "0", 0),
         ("seed", 2**32 - 1, 2**32 - 1),
-        ("layers", "[64,32,16,8]", [64, 32, 16, 8]),
-        ("layers", "[8, 4]", [8, 4]),
-        ("layers", ["16", 8], [16, 8]),
-        ("layers", [2], [2]),
+        ("mlp.layers", "[64,32,16,8]", [64, 32, 16, 8]),
+        ("mlp.layers", "[8, 4]", [8, 4]),
+        ("mlp.layers", ["16", 8], [16, 8]),
+        ("mlp.layers", [2], [2]),
     ],
 )
 def test_conversions(base, key, value, expected):
-    params = validate(with_(base, **{key: value}))
-    assert params[key] == expected
-    assert type(params[key]) is type(expected)
+    got = pick(validate(with_(base, **{key: value})), key)
+    assert got == expected
+    assert type(got) is type(expected)
 
 
 def test_dvc_style_params_file(tmp_path, base):
-    """What `dvc exp run -S lr=0.00001 -S negatives=8` can leave in params.yaml."""
-    others = {k: v for k, v in base.items() if k not in ("lr", "negatives")}
-    text = yaml.safe_dump(others) + "lr: 1e-05\nnegatives: '8'\n"
+    """What `dvc exp run -S mlp.lr=0.00001 -S mlp.negatives=8` can leave in params.yaml."""
+    raw = with_(base)
+    raw["mlp"] = {k: v for k, v in raw["mlp"].items() if k not in ("lr", "negatives")}
+    text = yaml.safe_dump(raw).replace("mlp:\n", "mlp:\n  lr: 1e-05\n  negatives: '8'\n")
     path = tmp_path / "params.yaml"
     path.write_text(text, encoding="utf-8")
-    assert yaml.safe_load(text)["lr"] == "1e-05"  # PyYAML reads this as a string
+    assert yaml.safe_load(text)["mlp"]["lr"] == "1e-05"  # PyYAML reads this as a string
     params = load_params(path)
-    assert params["lr"] == 1e-05 and type(params["lr"]) is float
-    assert params["negatives"] == 8 and type(params["negatives"]) is int
+    assert params["mlp"]["lr"] == 1e-05 and type(params["mlp"]["lr"]) is float
+    assert params["mlp"]["negatives"] == 8 and type(params["mlp"]["negatives"]) is int
 
 
 # --- bad values: the message names the key -------------------------------------------------------
@@ -92,37 +101,37 @@ def test_dvc_style_params_file(tmp_path, base):
     "key, value",
     [
         # wrong type
-        ("lr", "abc"),
-        ("lr", None),
-        ("lr", True),
-        ("lr", float("nan")),
-        ("lr", float("inf")),
-        ("epochs", 2.5),
-        ("epochs", "2.5"),
-        ("batch_size", True),
+        ("mlp.lr", "abc"),
+        ("mlp.lr", None),
+        ("mlp.lr", True),
+        ("mlp.lr", float("nan")),
+        ("mlp.lr", float("inf")),
+        ("mlp.epochs", 2.5),
+        ("mlp.epochs", "2.5"),
+        ("mlp.batch_size", True),
         ("seed", [1]),
-        ("layers", [64, "x"]),
-        ("layers", [64, 32.5]),
-        ("layers", []),
-        ("layers", 64),
-        ("layers", "abc"),
+        ("mlp.layers", [64, "x"]),
+        ("mlp.layers", [64, 32.5]),
+        ("mlp.layers", []),
+        ("mlp.layers", 64),
+        ("mlp.layers", "abc"),
         # out of range
-        ("lr", 0),
-        ("lr", 2),
-        ("lr", -0.1),
-        ("weight_decay", -0.01),
-        ("weight_decay", 1.5),
-        ("dropout", 1.0),
-        ("dropout", -0.1),
-        ("negatives", 0),
-        ("epochs", 0),
-        ("batch_size", 0),
+        ("mlp.lr", 0),
+        ("mlp.lr", 2),
+        ("mlp.lr", -0.1),
+        ("mlp.weight_decay", -0.01),
+        ("mlp.weight_decay", 1.5),
+        ("mlp.dropout", 1.0),
+        ("mlp.dropout", -0.1),
+        ("mlp.negatives", 0),
+        ("mlp.epochs", 0),
+        ("mlp.batch_size", 0),
         ("test_negatives", 0),
         ("topK", 0),
         ("seed", -1),
         ("seed", 2**32),
-        ("layers", [64, 0]),
-        ("layers", [64, -8]),
+        ("mlp.layers", [64, 0]),
+        ("mlp.layers", [64, -8]),
     ],
 )
 def test_bad_value_names_the_key(base, key, value):
@@ -131,30 +140,30 @@ def test_bad_value_names_the_key(base, key, value):
     assert f"'{key}'" in str(info.value)
 
 
-@pytest.mark.parametrize("key, value, shown", [("lr", "abc", "'abc'"), ("dropout", 1.0, "1.0"),
+@pytest.mark.parametrize("key, value, shown", [("mlp.lr", "abc", "'abc'"), ("mlp.dropout", 1.0, "1.0"),
                                                ("seed", -1, "-1")])
 def test_bad_value_message_shows_the_value_and_range(base, key, value, shown):
     with pytest.raises(PipelineError) as info:
         validate(with_(base, **{key: value}))
     message = str(info.value)
     assert shown in message
-    assert {"lr": "(0, 1]", "dropout": "[0, 1)", "seed": "[0, 4294967295]"}[key] in message
+    assert {"mlp.lr": "(0, 1]", "mlp.dropout": "[0, 1)", "seed": "[0, 4294967295]"}[key] in message
 
 
-@pytest.mark.parametrize("key, value", [("lr", 1.0), ("dropout", 0.0), ("weight_decay", 1.0),
-                                        ("weight_decay", 0.0), ("seed", 0), ("negatives", 1000)])
+@pytest.mark.parametrize("key, value", [("mlp.lr", 1.0), ("mlp.dropout", 0.0), ("mlp.weight_decay", 1.0),
+                                        ("mlp.weight_decay", 0.0), ("seed", 0), ("mlp.negatives", 1000)])
 def test_range_boundaries_that_are_allowed(base, key, value):
-    assert validate(with_(base, **{key: value}))[key] == value
+    assert pick(validate(with_(base, **{key: value})), key) == value
 
 
 @pytest.mark.parametrize("layers", [[63, 32], [7], "[9, 4]"])
 def test_odd_first_layer(base, layers):
-    with pytest.raises(PipelineError, match="'layers'.*even"):
-        validate(with_(base, layers=layers))
+    with pytest.raises(PipelineError, match="'mlp.layers'.*even"):
+        validate(with_(base, **{"mlp.layers": layers}))
 
 
 def test_odd_later_layers_are_fine(base):
-    assert validate(with_(base, layers=[8, 5, 3]))["layers"] == [8, 5, 3]
+    assert validate(with_(base, **{"mlp.layers": [8, 5, 3]}))["mlp"]["layers"] == [8, 5, 3]
 
 
 def test_topk_larger_than_candidate_list(base):
@@ -227,6 +236,6 @@ def test_load_params_error_names_the_file_for_cross_key_rules(tmp_path, base):
 
 def test_load_params_error_names_the_file_for_bad_values(tmp_path, base):
     path = tmp_path / "other.yaml"
-    path.write_text(yaml.safe_dump(with_(base, lr="abc")), encoding="utf-8")
-    with pytest.raises(PipelineError, match="other.yaml.*'lr'"):
+    path.write_text(yaml.safe_dump(with_(base, **{"mlp.lr": "abc"})), encoding="utf-8")
+    with pytest.raises(PipelineError, match="other.yaml.*'mlp.lr'"):
         load_params(path)

@@ -1,12 +1,13 @@
-"""build_matrix: reading u.data/u.item, contiguous ids, and the leave-one-out split by time."""
+"""build_matrix: reading u.data/u.item (pipeline.datasets), contiguous ids, and the leave-one-out split by time."""
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.build_matrix import build, leave_one_out, read_ratings, read_titles, tie_break_key
+from pipeline.build_matrix import build, leave_one_out, read_ratings, tie_break_key
 from pipeline.common import PipelineError
+from pipeline.datasets import DATASETS, read_interactions, read_titles
 
 
 def ratings_frame(rows: list[tuple[int, int, int, int]]) -> pd.DataFrame:
@@ -257,13 +258,25 @@ def test_tie_break_key_is_fixed_and_distinguishes_pairs():
 
 # --- reading the raw files -----------------------------------------------------------------------
 
+def read_u_item(path):
+    return read_titles(path, DATASETS["ml-100k"].titles_table)
+
+
 def test_read_ratings_parses_a_good_file(tmp_path):
     path = tmp_path / "u.data"
     path.write_text("196\t242\t3\t881250949\n186\t302\t3\t891717742\n22\t377\t1\t878887116\n")
     df = read_ratings(path)
-    assert list(df.columns) == ["user_id", "movie_id", "rating", "timestamp"]
-    assert df.values.tolist() == [[196, 242, 3, 881250949], [186, 302, 3, 891717742], [22, 377, 1, 878887116]]
-    assert all(dtype == np.int64 for dtype in df.dtypes)
+    assert list(df.columns) == ["user_id", "movie_id", "timestamp", "rating"]
+    assert df[["user_id", "movie_id", "timestamp"]].values.tolist() == [
+        [196, 242, 881250949], [186, 302, 891717742], [22, 377, 878887116]]
+    assert df["rating"].tolist() == [3.0, 3.0, 1.0]
+    assert [str(dtype) for dtype in df.dtypes] == ["int64", "int64", "int64", "float64"]
+
+
+def test_read_ratings_takes_half_star_ratings(tmp_path):
+    path = tmp_path / "u.data"
+    path.write_text("1\t2\t3.5\t881250949\n1\t3\t0.5\t881250950\n")
+    assert read_ratings(path)["rating"].tolist() == [3.5, 0.5]
 
 
 GOOD_LINE = "1\t2\t3\t881250949\n"
@@ -274,9 +287,11 @@ GOOD_LINE = "1\t2\t3\t881250949\n"
     [
         ("x\t2\t3\t881250949\n", 1, "user_id"),
         ("1\tfoo\t3\t881250949\n", 2, "movie_id"),
-        ("1\t2\t3.5\t881250949\n", 3, "rating"),
+        ("1\t2\tx\t881250949\n", 3, "rating"),
+        ("1\t2\t\t881250949\n", 3, "rating"),
         ("1\t2\t3\t\n", 4, "timestamp"),
-        ("1\t2\t3\n", 2, "timestamp"),  # a missing field
+        ("1\t2\t3\t881250949.5\n", 5, "timestamp"),
+        ("1\t2\t3\n", 2, "4 fields"),  # a missing field
     ],
 )
 def test_read_ratings_reports_file_and_line(tmp_path, bad_line, line_no, column):
@@ -287,15 +302,14 @@ def test_read_ratings_reports_file_and_line(tmp_path, bad_line, line_no, column)
     with pytest.raises(PipelineError) as info:
         read_ratings(path)
     message = str(info.value)
-    assert "ratings.tsv" in message
-    assert f"line {line_no}:" in message
+    assert message.startswith(f"{path}, line {line_no}:"), message
     assert column in message
 
 
 def test_read_ratings_extra_field_is_an_error(tmp_path):
     path = tmp_path / "u.data"
     path.write_text(GOOD_LINE + "1\t2\t3\t4\t5\n" + GOOD_LINE)
-    with pytest.raises(PipelineError, match="u.data"):
+    with pytest.raises(PipelineError, match="u.data, line 2: expected 4 fields"):
         read_ratings(path)
 
 
@@ -307,25 +321,87 @@ def test_read_ratings_missing_file(tmp_path):
 def test_read_ratings_empty_file(tmp_path):
     path = tmp_path / "u.data"
     path.write_text("")
-    with pytest.raises(PipelineError, match="u.data"):
+    with pytest.raises(PipelineError, match="u.data: the file is empty"):
         read_ratings(path)
 
 
 def test_read_ratings_line_numbers_count_blank_lines(tmp_path):
     path = tmp_path / "u.data"
     path.write_text(GOOD_LINE + GOOD_LINE + "1\tx\t3\t4\n")
-    with pytest.raises(PipelineError, match="line 3:"):
+    with pytest.raises(PipelineError, match="line 3: movie_id"):
         read_ratings(path)
     path.write_text(GOOD_LINE + "\n" + GOOD_LINE + "1\tx\t3\t4\n")  # the blank line is reported
-    with pytest.raises(PipelineError, match="line 2: user_id"):
+    with pytest.raises(PipelineError, match="line 2: empty line"):
+        read_ratings(path)
+    path.write_text(GOOD_LINE + "\n\n" + GOOD_LINE + "1\tx\t3\t4\n")  # and counted, were it skipped
+    with pytest.raises(PipelineError, match="line 2: empty line"):
         read_ratings(path)
 
 
 def test_read_ratings_five_fields_everywhere_is_an_error(tmp_path):
+    # u.data has 4 fields by its format: a file whose every line has 5 is not a u.data
     path = tmp_path / "u.data"
     path.write_text("1\t2\t3\t4\t5\n6\t7\t8\t9\t10\n")
-    with pytest.raises(PipelineError, match="u.data"):
+    with pytest.raises(PipelineError, match="u.data, line 1: expected 4 fields .* got 5"):
         read_ratings(path)
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        (b"1\t2\t3\t4\n5\t6\t7\t\xff\n", "line 2: not valid utf-8 text (byte 0xff)"),
+        (b"1\t2\t3\t4\n5\t6\t7\t9223372036854775808\n", "line 2: timestamp must be an integer"),
+        (b"1\t2\t3\t-9223372036854775809\n", "line 1: timestamp must be an integer"),
+        (b"1\t2\t3\t4\n5\t6\t7\t1_000\n", "line 2: timestamp must be an integer"),
+        (b"1\t2\tnan\t4\n", "line 1: rating must be a finite number"),
+        (b"1\t2\tinf\t4\n", "line 1: rating must be a finite number"),
+        (b"1\t2\t1e400\t4\n", "line 1: rating must be a finite number"),
+        (b"FALSE\t1\t3\t4\nTRUE\t2\t3\t5\n", "line 1: user_id must be an integer, got 'FALSE'"),
+        (b"1\t1\ttrue\t4\n", "line 1: rating must be a finite number, got 'true'"),
+    ],
+)
+def test_read_ratings_names_the_line_where_pandas_does_not(tmp_path, data, expected):
+    # each of these used to end in an exception other than PipelineError, a message without a
+    # line number, or a frame: inf as a rating, true/false words as 1 and 0
+    path = tmp_path / "u.data"
+    path.write_bytes(data)
+    with pytest.raises(PipelineError) as info:
+        read_ratings(path)
+    assert str(info.value).startswith(f"{path}, {expected}"), str(info.value)
+
+
+def test_read_ratings_integral_numbers_do_not_shift_the_blame(tmp_path):
+    # pandas' C parser reads '4.0', '1e3', '+7' and ' 8 ' as integers; the error scan must agree,
+    # or it names their line instead of the bad one
+    path = tmp_path / "u.data"
+    path.write_text("1\t2\t3\t4.0\n1\t2\t3\t1e3\n+7\t 8 \t3\t4\n1\tx\t3\t4\n")
+    with pytest.raises(PipelineError, match="u.data, line 4: movie_id must be an integer, got 'x'"):
+        read_ratings(path)
+    path.write_text("1\t2\t3\t4.0\n1\t2\t3\t1e3\n+7\t 8 \t3\t4\n")
+    assert read_ratings(path)[["user_id", "movie_id", "timestamp"]].values.tolist() == [
+        [1, 2, 4], [1, 2, 1000], [7, 8, 4]]
+
+
+def test_read_ml_1m_ratings_rejects_a_single_colon(tmp_path):
+    # "::" is parsed as ":" (pandas' C engine takes one character): "2:x:3" must not read as 2, 3
+    path = tmp_path / "ratings.dat"
+    path.write_text("1::2::3::4\n1::2:x:3::4\n")
+    with pytest.raises(PipelineError, match="ratings.dat, line 2: expected 4 fields separated by '::'"):
+        read_interactions(path, DATASETS["ml-1m"].ratings_table)
+
+
+def test_read_csv_ratings_with_header_and_crlf(tmp_path):
+    path = tmp_path / "ratings.csv"
+    path.write_bytes(b"\xef\xbb\xbfuserId,movieId,rating,timestamp\r\n1,31,2.5,1260759144\r\n"
+                     b"\"1\",1029,3.0,1260759179\r\n")
+    df = read_interactions(path, DATASETS["ml-latest-small"].ratings_table)
+    assert df.values.tolist() == [[1, 31, 1260759144, 2.5], [1, 1029, 1260759179, 3.0]]
+    path.write_bytes(b"userId,movieId,rating,timestamp\r\n1,31,2.5,1260759144\r\n1,31,2.5\r\n")
+    with pytest.raises(PipelineError, match="ratings.csv, line 3: expected 4 fields separated by ','"):
+        read_interactions(path, DATASETS["ml-latest-small"].ratings_table)
+    path.write_bytes(b"userId,movieId,rating,timestamp\r\n")
+    with pytest.raises(PipelineError, match="ratings.csv: no interactions"):
+        read_interactions(path, DATASETS["ml-latest-small"].ratings_table)
 
 
 def test_read_titles_decodes_latin1(tmp_path):
@@ -335,19 +411,52 @@ def test_read_titles_decodes_latin1(tmp_path):
         b"2|Mis\xe9rables, Les (1995)|01-Jan-1995||http://x|0|0|0\n"
         b"3|NA|01-Jan-1995||http://x|0|0|0\n"
     )
-    df = read_titles(path)
+    df = read_u_item(path)
     assert list(df.columns) == ["movie_id", "title"]
+    assert df["movie_id"].dtype == np.int64
     assert df["movie_id"].tolist() == [1, 2, 3]
     assert df["title"].tolist() == ["Toy Story (1995)", "Misérables, Les (1995)", "NA"]
 
 
 def test_read_titles_missing_file(tmp_path):
     with pytest.raises(PipelineError, match="not found"):
-        read_titles(tmp_path / "u.item")
+        read_u_item(tmp_path / "u.item")
 
 
-def test_read_titles_bad_movie_id(tmp_path):
+@pytest.mark.parametrize(
+    "data, line_no",
+    [
+        (b"1|A (1995)|x\nabc|B (1995)|x\n", 2),
+        (b"1|A (1995)|x\n\n\n2.5|B (1995)|x\n", 4),  # blank lines are skipped, yet counted
+        (b"1|A|x\n99999999999999999999|B|x\n", 2),  # beyond int64
+        (b"1|A|x\r\n|B|x\r\n", 2),
+    ],
+)
+def test_read_titles_bad_movie_id(tmp_path, data, line_no):
     path = tmp_path / "u.item"
-    path.write_bytes(b"1|A (1995)|x\nabc|B (1995)|x\n")
-    with pytest.raises(PipelineError, match="u.item"):
-        read_titles(path)
+    path.write_bytes(data)
+    with pytest.raises(PipelineError, match=f"u.item, line {line_no}: movie id must be an integer"):
+        read_u_item(path)
+
+
+def test_read_titles_ragged_lines_and_quotes(tmp_path):
+    # only the first two fields are used: lines may have more or fewer; quotes are text
+    path = tmp_path / "u.item"
+    path.write_bytes(b'1|"Bad" Boys|x\n2|B|x|y|z\n\n3\n')
+    df = read_u_item(path)
+    assert df.values.tolist() == [[1, '"Bad" Boys'], [2, "B"], [3, ""]]
+
+
+def test_read_titles_other_formats(tmp_path):
+    path = tmp_path / "movies.dat"
+    path.write_bytes(b"1::Toy Story (1995)::Animation\n2::Mis\xe9rables: Part 1 (1995)::Drama\n")
+    df = read_titles(path, DATASETS["ml-1m"].titles_table)
+    assert df.values.tolist() == [[1, "Toy Story (1995)"], [2, "Misérables: Part 1 (1995)"]]
+    path = tmp_path / "movies.csv"
+    path.write_bytes(b'movieId,title,genres\r\n11,"American President, The (1995)",Comedy\r\n'
+                     b'12,"Dracula: ""Dead"" (1995)",Horror\r\n')
+    df = read_titles(path, DATASETS["ml-latest-small"].titles_table)
+    assert df.values.tolist() == [[11, "American President, The (1995)"], [12, 'Dracula: "Dead" (1995)']]
+    path.write_bytes(b"movieId,title\r\n1,Caf\xe9\r\n")  # latin-1 in a UTF-8 file
+    with pytest.raises(PipelineError, match="movies.csv, line 2: not valid utf-8 text"):
+        read_titles(path, DATASETS["ml-latest-small"].titles_table)
