@@ -33,6 +33,8 @@ def evaluate_model(name: str, model, split, test, k: int) -> tuple[dict, np.ndar
     scores = model.score(test.users, test.items)
     if np.isnan(scores).any():
         raise PipelineError(f"model {name} produced NaN scores; retrain it")
+    if np.ptp(scores) == 0:
+        log.warning("%s gives every candidate the same score: the model has collapsed (too much weight_decay?)", name)
     ranks = heldout_rank(scores)
     seen = (split.train + sp.csr_matrix((np.ones(len(split.val_users), np.float32),
                                          (split.val_users, split.val_items)), shape=split.train.shape)).tocsr()
