@@ -16,7 +16,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from pipeline.common import PipelineError, run_stage, write_json, write_text
+from pipeline.common import PipelineError, atomic_output, run_stage, write_json
 from pipeline.data import load_candidates, load_split
 from pipeline.metrics import full_ranks, heldout_rank, hit_ratio, hit_ratio_curve, mrr, ndcg
 from pipeline.models import full_scores, load_model
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("candidates_dir", type=Path)
     parser.add_argument("models_dir", type=Path, help="holds <model>.pt for each model in `models`")
     parser.add_argument("metrics_out", type=Path, help="test metrics (.json)")
-    parser.add_argument("curve_out", type=Path, help="sampled HR@K for K = 1..20 per model (.csv)")
+    parser.add_argument("curve_dir", type=Path, help="sampled HR@K for K = 1..20: <model>.csv (k, hr) per model")
     args = parser.parse_args()
     params = load_params()
     k = params["topK"]
@@ -68,11 +68,11 @@ def main() -> None:
         log.info("%s: sampled HR@%d %.4f, NDCG %.4f; full HR@%d %.4f, NDCG %.4f, MRR %.4f",
                  name, k, m["hr"], m["ndcg"], k, m["full"]["hr"], m["full"]["ndcg"], m["full"]["mrr"])
     write_json(args.metrics_out, metrics)
-    lines = ["k," + ",".join(curves)]
-    for i in range(CURVE_MAX_K):
-        lines.append(f"{i + 1}," + ",".join(f"{curves[m][i]:.6f}" for m in curves))
-    write_text(args.curve_out, "\n".join(lines) + "\n")
-
+    # One file per model, so that DVC's plot of them never names a model that was not evaluated.
+    with atomic_output(args.curve_dir, is_dir=True) as tmp:
+        for name, curve in curves.items():
+            rows = "".join(f"{i + 1},{v:.6f}\n" for i, v in enumerate(curve))
+            (tmp / f"{name}.csv").write_text("k,hr\n" + rows, encoding="utf-8")
 
 if __name__ == "__main__":
     run_stage(main)

@@ -45,14 +45,22 @@ class PairScorer(nn.Module):
         return out.numpy().astype(np.float64)
 
     @torch.no_grad()
-    def score_all(self, users: np.ndarray) -> torch.Tensor:
-        """Return float32 logits [len(users), n_items]: every item for each user."""
+    def score_all(self, users: np.ndarray, max_pairs: int = 1 << 18) -> torch.Tensor:
+        """Return float32 logits [len(users), n_items]: every item for each user.
+
+        Pairs go through the network in chunks of about max_pairs, so memory stays bounded.
+        """
         was_training = self.training
         self.eval()
         n_items = self.n_items
         users_t = torch.as_tensor(np.asarray(users), dtype=torch.long, device=self.device)
-        items = torch.arange(n_items, device=self.device).expand(len(users_t), n_items)
-        out = self(users_t[:, None].expand_as(items), items).float().cpu()
+        out = torch.empty((len(users_t), n_items), dtype=torch.float32)
+        step = max(1, max_pairs // max(n_items, 1))
+        items = torch.arange(n_items, device=self.device)
+        for lo in range(0, len(users_t), step):
+            u = users_t[lo:lo + step]
+            grid = items.expand(len(u), n_items)
+            out[lo:lo + len(u)] = self(u[:, None].expand_as(grid), grid).float().cpu()
         self.train(was_training)
         return out
 
@@ -277,7 +285,7 @@ def load_model(name: str, path: Path, train: sp.csr_matrix):
         else:
             model = MODEL_CLASSES[name].from_state_dict(state)
     except (KeyError, AttributeError, TypeError, ValueError) as err:
-        raise PipelineError(f"{path}: not {name} checkpoint ({err})") from None
+        raise PipelineError(f"{path}: not a valid {name} checkpoint ({err})") from None
     if getattr(model, "n_items", train.shape[1]) != train.shape[1]:
         raise PipelineError(f"{path}: {name} was trained on {model.n_items} items, the data has {train.shape[1]}; "
                             "run `dvc repro`")

@@ -68,13 +68,14 @@ def training_chart(curves: dict[str, pd.DataFrame], k: int, path: Path) -> None:
     save_png(fig, path)
 
 
-def hr_chart(curve: pd.DataFrame, test_negatives: int, path: Path) -> None:
+def hr_chart(curves: dict[str, pd.DataFrame], test_negatives: int, path: Path) -> None:
     """Test HR@K for K = 1..20 per model, on the sampled candidates."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in curve.columns.drop("k"):
-        ax.plot(curve["k"], curve[name], marker=".", label=NAMES.get(name, name), color=COLORS.get(name))
+    for name, curve in curves.items():
+        ax.plot(curve["k"], curve["hr"], marker=".", label=NAMES.get(name, name), color=COLORS.get(name))
+    longest = max(int(c["k"].max()) for c in curves.values())
     ax.set(title=f"Test HR@K (held-out item among {test_negatives} sampled negatives)", xlabel="K",
-           ylabel="HR@K", xticks=range(1, int(curve["k"].max()) + 1, 2))
+           ylabel="HR@K", xticks=range(1, longest + 1, 2))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -125,7 +126,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Write metrics/report.md and the PNG charts.")
     parser.add_argument("prepared_dir", type=Path)
     parser.add_argument("recommendations", type=Path)
-    parser.add_argument("metrics_dir", type=Path, help="holds test.json, hr_at_k.csv, training/")
+    parser.add_argument("metrics_dir", type=Path, help="holds test.json, hr_at_k/, training/")
     parser.add_argument("report", type=Path)
     args = parser.parse_args()
     params = load_params()
@@ -134,7 +135,8 @@ def main() -> None:
     curves = {m: pd.read_csv(args.metrics_dir / "training" / f"{m}.csv") for m in params["models"]}
     plots = args.metrics_dir / "plots"
     training_chart(curves, params["topK"], plots / "training.png")
-    hr_chart(pd.read_csv(args.metrics_dir / "hr_at_k.csv"), params["test_negatives"], plots / "hr_at_k.png")
+    hr = {m: pd.read_csv(args.metrics_dir / "hr_at_k" / f"{m}.csv") for m in params["models"]}
+    hr_chart(hr, params["test_negatives"], plots / "hr_at_k.png")
     split = load_split(args.prepared_dir)
     users_map, items_map = load_id_maps(args.prepared_dir)
     recent = load_recent(args.prepared_dir)

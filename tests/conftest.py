@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -40,12 +41,44 @@ def write_movielens_zip(directory: Path, n_users: int = 60, n_items: int = 120, 
     return path
 
 
+REMOVE = object()  # set_params(root, **{"mlp.lr": REMOVE}) deletes the key
+
+
 def set_params(root: Path, **changes) -> None:
-    """Change top-level keys of root/params.yaml, keeping the others."""
+    """Change keys of root/params.yaml, keeping the others.
+
+    A plain key replaces a top-level value (`models=[...]`, or a whole section `mlp={...}`); a
+    dotted key changes one field of a model's section and keeps its other fields, as DVC's
+    `-S mlp.lr=0.01` does: `set_params(root, **{"mlp.lr": 0.01})`. The value REMOVE deletes the key.
+    """
     path = root / "params.yaml"
     params = yaml.safe_load(path.read_text())
-    params.update(changes)
+    for key, value in changes.items():
+        *sections, last = key.split(".")
+        target = params
+        for name in sections:
+            if not isinstance(target.get(name), dict):
+                target[name] = {}
+            target = target[name]
+        if value is REMOVE:
+            target.pop(last, None)
+        else:
+            target[last] = value
     path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def set_models(root: Path, models: list[str]) -> None:
+    """Set `models`; keep any key that must name one of them (recommend_model) valid."""
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    changes: dict = {"models": list(models)}
+    if "recommend_model" in params and params["recommend_model"] not in models:
+        changes["recommend_model"] = models[-1]
+    set_params(root, **changes)
+
+
+def set_param(root: Path, key: str, value) -> None:
+    """Change one key, dotted for a section's field: set_param(root, "mlp.lr", 0.01)."""
+    set_params(root, **{key: value})
 
 
 def stage(module: str, *args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -76,10 +109,21 @@ def workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-@pytest.fixture
-def prepared(workdir: Path, tiny_mirror: Path) -> Path:
-    """workdir with data/raw and data/prepared built from the generated archive."""
+@pytest.fixture(scope="session")
+def prepared_data(tmp_path_factory, tiny_mirror: Path) -> Path:
+    """data/raw and data/prepared built once by the real stages from the generated archive."""
+    root = tmp_path_factory.mktemp("prepared")
+    (root / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    set_params(root, test_negatives=20)
     env = {"MOVIELENS_MIRROR": str(tiny_mirror), "MOVIELENS_SKIP_VERIFY": "1"}
-    assert stage("download", "data/raw", cwd=workdir, env=env).returncode == 0
-    assert stage("build_matrix", "data/raw", "data/prepared", cwd=workdir).returncode == 0
+    for args in (("download", "data/raw"), ("build_matrix", "data/raw", "data/prepared")):
+        proc = stage(*args, cwd=root, env=env)
+        assert proc.returncode == 0, proc.stderr
+    return root / "data"
+
+
+@pytest.fixture
+def prepared(workdir: Path, prepared_data: Path) -> Path:
+    """workdir with a fresh copy of data/raw and data/prepared (built once per session)."""
+    shutil.copytree(prepared_data, workdir / "data")
     return workdir

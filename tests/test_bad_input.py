@@ -15,16 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import set_params, stage, user_error
+from conftest import REMOVE, set_models, set_params, stage, user_error
 from pipeline.data import load_split
 from pipeline.params import SPECS
 
 STAGE_ARGS = {
     "sample_negatives": ["data/prepared", "data/candidates"],
-    "train_mlp": ["data/prepared", "data/candidates", "data/models/mlp.pt", "metrics/curve.csv",
-                  "metrics/val.json"],
-    "evaluate": ["data/candidates", "data/models/itempop.npy", "data/models/mlp.pt", "metrics/test.json",
-                 "metrics/hr_at_k.csv"],
+    "train": ["mlp", "data/prepared", "data/candidates", "data/models/mlp.pt", "metrics/training/mlp.csv",
+              "metrics/training/mlp.json"],
+    "evaluate": ["data/prepared", "data/candidates", "data/models", "metrics/test.json", "metrics/hr_at_k"],
 }
 
 
@@ -88,40 +87,83 @@ def test_duplicates_and_short_users_are_logged_and_handled(workdir: Path) -> Non
     assert 5 not in split.test_users.tolist() and split.train[5].nnz == 2  # user 99 is index 5
 
 
-WRONG_TYPE = {"int": "many", "float": "fast", "int_list": "wide", "choice": 3, "bool": "maybe", "str": 5,
-              "column": 1.5}
+WRONG_TYPE = {"int": "many", "float": "fast", "int_list": "wide", "choice": 3, "choice_list": 3, "bool": "maybe",
+              "str": 5, "column": 1.5, "section": "fast"}
+
+# Every value a user sets: the flat keys, and each field of each model's section as 'section.field'.
+PARAM_SPECS = {key: spec for key, spec in SPECS.items() if spec.kind != "section"}
+PARAM_SPECS.update({f"{key}.{name}": field for key, spec in SPECS.items() if spec.kind == "section"
+                    for name, field in spec.fields.items()})
+SECTIONS = sorted(key for key, spec in SPECS.items() if spec.kind == "section")
 
 
-def out_of_range(key: str):
+def out_of_range(spec):
     """A value of the right type that is not allowed."""
-    spec = SPECS[key]
     if spec.kind == "int_list":
         return [int(spec.high) + 1]
     if spec.kind in ("int", "float"):
         return int(spec.high) + 1 if spec.kind == "int" else spec.high * 2 + 1
-    return {"choice": "nonsense", "bool": "yes please", "str": "  ", "column": -1}[spec.kind]
+    return {"choice": "nonsense", "choice_list": ["nonsense"], "bool": "yes please", "str": "  ",
+            "column": -1}[spec.kind]
 
 
-@pytest.mark.parametrize("key", sorted(SPECS))
+def test_every_section_field_is_covered() -> None:
+    assert {"mlp.lr", "mlp.layers", "mlp.negatives", "neumf.pretrain_lr", "ease.lambda"} <= set(PARAM_SPECS)
+    assert SECTIONS == ["ease", "gmf", "itempop", "mf", "mlp", "neumf"]
+    assert not {"lr", "layers", "epochs", "batch_size", "negatives", "weight_decay", "dropout"} & set(SPECS)
+
+
+@pytest.mark.parametrize("key", sorted(PARAM_SPECS))
 @pytest.mark.parametrize("mistake", ["wrong_type", "out_of_range"])
 def test_every_param_mistake_stops_training_before_any_work(prepared: Path, monkeypatch, capsys,
                                                             key: str, mistake: str) -> None:
-    value = WRONG_TYPE[SPECS[key].kind] if mistake == "wrong_type" else out_of_range(key)
+    spec = PARAM_SPECS[key]
+    value = WRONG_TYPE[spec.kind] if mistake == "wrong_type" else out_of_range(spec)
     set_params(prepared, **{key: value})
-    code, err = run_in_process("train_mlp", STAGE_ARGS["train_mlp"], prepared, monkeypatch, capsys)
+    code, err = run_in_process("train", STAGE_ARGS["train"], prepared, monkeypatch, capsys)
     assert code == 2
-    assert f"'{key}'" in err and SPECS[key].describe() in err and "params.yaml" in err, err
-    if SPECS[key].kind in ("int", "float", "int_list"):
+    allowed = spec.describe()
+    if spec.kind == "int_list" and mistake == "wrong_type":  # not a list: "a non-empty list of integers, ..."
+        allowed = allowed.removeprefix("a ")
+    assert f"'{key}'" in err and allowed in err and "params.yaml" in err, err
+    if spec.kind in ("int", "float", "int_list"):
         assert re.search(r"in [\[(][-\d.e+]+, [-\d.e+]+[\])]", err), err  # the allowed range
     assert not (prepared / "data/models").exists() and not (prepared / "metrics").exists()
 
 
+@pytest.mark.parametrize("section", SECTIONS)
+@pytest.mark.parametrize("mistake", ["not_a_mapping", "unknown_field", "missing_field"])
+def test_every_section_mistake_stops_training_before_any_work(prepared: Path, monkeypatch, capsys,
+                                                              section: str, mistake: str) -> None:
+    fields = list(SPECS[section].fields)
+    if mistake == "missing_field" and not fields:
+        pytest.skip(f"'{section}' has no fields to leave out")
+    if mistake == "not_a_mapping":
+        set_params(prepared, **{section: WRONG_TYPE["section"]})
+        words = f"'{section}' must be {SPECS[section].describe()}"
+    elif mistake == "unknown_field":
+        set_params(prepared, **{f"{section}.learning_rate": 0.1})
+        words = f"unknown key(s) '{section}.learning_rate'"
+    else:
+        set_params(prepared, **{f"{section}.{fields[-1]}": REMOVE})
+        words = f"missing key(s) '{section}.{fields[-1]}'"
+    code, err = run_in_process("train", STAGE_ARGS["train"], prepared, monkeypatch, capsys)
+    assert code == 2 and words in err and "params.yaml" in err, err
+    assert not (prepared / "data/models").exists() and not (prepared / "metrics").exists()
+
+
 @pytest.mark.parametrize("changes, words", [
-    ({"layers": [15, 8]}, "'layers' first entry must be even"),
+    ({"mlp.layers": [15, 8]}, "'mlp.layers' first entry must be even"),
+    ({"neumf.layers": [15, 8]}, "'neumf.layers' first entry must be even"),
     ({"topK": 22}, "'topK' must be at most test_negatives + 1 = 21"),
-    ({"negatives": 0}, "'negatives' must be an integer in [1, 1000]"),
+    ({"mlp.negatives": 0}, "'mlp.negatives' must be an integer in [1, 1000]"),
+    ({"gmf.lr": 0}, "'gmf.lr' must be a number in (0, 1]"),
     ({"learning_rate": 0.1}, "unknown key(s) 'learning_rate'"),
-])
+    ({"lr": 0.1}, "unknown key(s) 'lr'"),  # the old flat key
+    ({"mlp.learning_rate": 0.1}, "unknown key(s) 'mlp.learning_rate'"),
+    ({"gmf.lr": REMOVE}, "missing key(s) 'gmf.lr'"),
+], ids=["odd_mlp_layers", "odd_neumf_layers", "topK", "negatives", "gmf_lr", "unknown", "old_flat_key",
+        "unknown_field", "missing_field"])
 @pytest.mark.parametrize("module", sorted(STAGE_ARGS))
 def test_param_rules_stop_every_stage_that_reads_params(prepared: Path, monkeypatch, capsys, module: str,
                                                         changes: dict, words: str) -> None:
@@ -129,11 +171,12 @@ def test_param_rules_stop_every_stage_that_reads_params(prepared: Path, monkeypa
     code, err = run_in_process(module, STAGE_ARGS[module], prepared, monkeypatch, capsys)
     assert code == 2 and words in err, err
     assert not (prepared / "data/candidates").exists() and not (prepared / "metrics").exists()
+    assert not (prepared / "data/models").exists()
 
 
 def test_nan_loss_stops_training_naming_the_epoch(prepared: Path, monkeypatch, capsys) -> None:
     assert stage("sample_negatives", *STAGE_ARGS["sample_negatives"], cwd=prepared).returncode == 0
-    set_params(prepared, epochs=3, layers=[16, 8], batch_size=64)
+    set_params(prepared, **{"mlp.epochs": 3, "mlp.layers": [16, 8], "mlp.batch_size": 64})
     from pipeline import models
     forward = models.MLP.forward
     calls = {"n": 0}
@@ -144,23 +187,26 @@ def test_nan_loss_stops_training_naming_the_epoch(prepared: Path, monkeypatch, c
         return out * math.inf if calls["n"] > 10 else out  # diverges during epoch 1's training
 
     monkeypatch.setattr(models.MLP, "forward", diverging)
-    code, err = run_in_process("train_mlp", STAGE_ARGS["train_mlp"], prepared, monkeypatch, capsys)
+    code, err = run_in_process("train", STAGE_ARGS["train"], prepared, monkeypatch, capsys)
     assert code == 2
-    assert "training diverged at epoch 1" in err and "smaller lr" in err and "No checkpoint" in err
+    assert "mlp: training diverged at epoch 1" in err and "smaller lr" in err and "No checkpoint" in err, err
     assert not (prepared / "data/models").exists() or not any((prepared / "data/models").iterdir())
     assert not (prepared / "metrics").exists()
 
 
 def test_nan_scores_stop_evaluation(prepared: Path, monkeypatch, capsys) -> None:
     assert stage("sample_negatives", *STAGE_ARGS["sample_negatives"], cwd=prepared).returncode == 0
-    assert stage("train_itempop", "data/prepared", "data/models/itempop.npy", cwd=prepared).returncode == 0
+    set_models(prepared, ["itempop", "mlp"])
     from pipeline.models import MLP
     split = load_split(prepared / "data/prepared")
+    counts = torch.from_numpy(np.asarray(split.train.sum(axis=0)).ravel().astype(np.int64))
+    (prepared / "data/models").mkdir(parents=True)
+    torch.save({"counts": counts}, prepared / "data/models/itempop.pt")
     model = MLP(split.n_users, split.n_items, [16, 8])
     with torch.no_grad():
         model.output.bias.fill_(math.nan)
     torch.save(model.state_dict(), prepared / "data/models/mlp.pt")
     code, err = run_in_process("evaluate", STAGE_ARGS["evaluate"], prepared, monkeypatch, capsys)
-    assert code == 2 and "mlp produced NaN scores" in err
+    assert code == 2 and "mlp produced NaN scores" in err, err
     assert not (prepared / "metrics").exists()
-    assert np.load(prepared / "data/models/itempop.npy").sum() == split.train.nnz
+    assert torch.load(prepared / "data/models/itempop.pt", weights_only=True)["counts"].sum() == split.train.nnz

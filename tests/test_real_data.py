@@ -20,20 +20,42 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+MODELS = ["itempop", "mlp", "ease"]
+EASE_HR = (0.58, 0.67)  # closed form, no training noise: 0.622 with the default lambda
+
+
+def commands(params: dict) -> list[tuple[str, list[str]]]:
+    """(stage name, argv) of every stage dvc would run, in dvc.yaml's order (foreach expanded)."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    found = []
+    for name, stage in stages.items():
+        if "foreach" in stage:
+            assert stage["foreach"] == "${models}", stage
+            found += [(f"{name}@{item}", shlex.split(stage["do"]["cmd"].replace("${item}", item)))
+                      for item in params["models"]]
+        else:
+            found.append((name, shlex.split(stage["cmd"])))
+    assert all("${" not in arg for _, argv in found for arg in argv), found
+    return found
+
+
 def test_pipeline_on_ml100k(tmp_path: Path) -> None:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["epochs"] = 3
+    params["models"] = MODELS
+    params["mlp"]["epochs"] = 3
+    if params.get("recommend_model") not in (None, *MODELS):
+        params["recommend_model"] = "ease"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "PYTHONPATH": str(REPO), "MOVIELENS_MIRROR": str(SHARED_DATA)}
     env.pop("MOVIELENS_SKIP_VERIFY", None)
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    for name, stage in stages.items():  # the commands dvc would run, in dvc.yaml's order
-        argv = shlex.split(stage["cmd"])
+    ran = []
+    for name, argv in commands(params):
         assert argv[0] == "python"
-        (tmp_path / "metrics").mkdir(exist_ok=True)
         proc = subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, f"stage {name} failed:\n{proc.stderr}"
+        ran.append(name)
+    assert {"train@itempop", "train@mlp", "train@ease", "evaluate"} <= set(ran), ran
 
     from pipeline.data import load_split
     split = load_split(tmp_path / "data/prepared")
@@ -42,9 +64,17 @@ def test_pipeline_on_ml100k(tmp_path: Path) -> None:
     assert len(split.test_users) == len(split.val_users) == 943
 
     metrics = json.loads((tmp_path / "metrics/test.json").read_text())
+    assert list(metrics) == ["k", *MODELS]
     assert 0.36 <= metrics["itempop"]["hr"] <= 0.45  # the seed notebook reports 0.406
     assert 0.50 <= metrics["mlp"]["hr"] <= 0.75  # 3 epochs: well above ItemPop, below a full run
     assert metrics["mlp"]["hr"] > metrics["itempop"]["hr"] + 0.08
-    curve = np.loadtxt(tmp_path / "metrics/hr_at_k.csv", delimiter=",", skiprows=1)
-    assert curve.shape == (20, 3) and np.all(np.diff(curve[:, 1:], axis=0) >= 0)
-    assert np.allclose(curve[9, 1:], [metrics["itempop"]["hr"], metrics["mlp"]["hr"]], atol=1e-6)
+    assert EASE_HR[0] <= metrics["ease"]["hr"] <= EASE_HR[1]
+    assert metrics["ease"]["hr"] > metrics["itempop"]["hr"] + 0.15
+    for model in MODELS:
+        m = metrics[model]
+        assert all(m["full"][key] <= m[key] for key in ("hr", "ndcg", "mrr")), (model, m)
+    for model in MODELS:
+        curve = np.loadtxt(tmp_path / f"metrics/hr_at_k/{model}.csv", delimiter=",", skiprows=1)
+        assert curve.shape == (20, 2) and np.all(np.diff(curve[:, 1]) >= 0)
+        assert curve[9, 1] == pytest.approx(metrics[model]["hr"], abs=1e-6)
+    assert len((tmp_path / "metrics/training/mlp.csv").read_text().splitlines()) == 1 + 3

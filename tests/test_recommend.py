@@ -32,7 +32,7 @@ def built(tmp_path_factory, tiny_mirror) -> Path:
     steps += [("train", [m, "data/prepared", "data/candidates", f"data/models/{m}.pt", f"metrics/training/{m}.csv",
                          f"metrics/training/{m}.json"]) for m in MODELS]
     steps += [("evaluate", ["data/prepared", "data/candidates", "data/models", "metrics/test.json",
-                            "metrics/hr_at_k.csv"]),
+                            "metrics/hr_at_k"]),
               ("recommend", ["data/prepared", "data/models", "data/recommendations.csv"]),
               ("report", ["data/prepared", "data/recommendations.csv", "metrics", "metrics/report.md"])]
     for module, args in steps:

@@ -1,6 +1,7 @@
 """The stage entry points as DVC runs them: clear errors for user mistakes, nothing half-written."""
 from __future__ import annotations
 
+import json
 import socket
 import time
 from pathlib import Path
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import set_params, stage, user_error
+from conftest import set_models, set_params, stage, user_error
 
 
 def test_download_from_missing_mirror_names_the_variable(workdir: Path) -> None:
@@ -60,7 +61,18 @@ def test_sample_negatives_output_is_seeded(prepared: Path) -> None:
     assert a == b and a != c
 
 
-@pytest.mark.parametrize("key, value", [("lr", "fast"), ("layers", [63, 8]), ("topK", 500), ("typo_key", 1)])
+def train(model: str, cwd: Path) -> None:
+    """Run stage train@<model> as dvc.yaml does."""
+    proc = stage("train", model, "data/prepared", "data/candidates", f"data/models/{model}.pt",
+                 f"metrics/training/{model}.csv", f"metrics/training/{model}.json", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+
+
+EVALUATE_ARGS = ("data/prepared", "data/candidates", "data/models", "metrics/test.json", "metrics/hr_at_k")
+
+
+@pytest.mark.parametrize("key, value", [("mlp.lr", "fast"), ("mlp.layers", [63, 8]), ("neumf.layers", [63, 8]),
+                                        ("topK", 500), ("typo_key", 1)])
 def test_bad_params_stop_the_stage_naming_the_key(prepared: Path, key: str, value) -> None:
     set_params(prepared, **{key: value})
     err = user_error(stage("sample_negatives", "data/prepared", "data/candidates", cwd=prepared))
@@ -69,22 +81,44 @@ def test_bad_params_stop_the_stage_naming_the_key(prepared: Path, key: str, valu
 
 
 def test_evaluate_rejects_a_file_that_is_not_a_checkpoint(prepared: Path) -> None:
+    set_models(prepared, ["itempop", "mlp"])
     assert stage("sample_negatives", "data/prepared", "data/candidates", cwd=prepared).returncode == 0
-    assert stage("train_itempop", "data/prepared", "data/itempop.npy", cwd=prepared).returncode == 0
-    (prepared / "bogus.pt").write_bytes(b"not a checkpoint")
-    err = user_error(stage("evaluate", "data/candidates", "data/itempop.npy", "bogus.pt",
-                           "metrics/test.json", "metrics/hr_at_k.csv", cwd=prepared))
-    assert "bogus.pt" in err and "checkpoint" in err
+    train("itempop", prepared)
+    (prepared / "data/models/mlp.pt").write_bytes(b"not a checkpoint")
+    err = user_error(stage("evaluate", *EVALUATE_ARGS, cwd=prepared))
+    assert "data/models/mlp.pt" in err and "not a readable model checkpoint" in err
     assert not (prepared / "metrics/test.json").exists()
-    torch.save({"weight": torch.zeros(2)}, prepared / "other.pt")
-    err = user_error(stage("evaluate", "data/candidates", "data/itempop.npy", "other.pt",
-                           "metrics/test.json", "metrics/hr_at_k.csv", cwd=prepared))
-    assert "other.pt" in err and "not an MLP checkpoint" in err
+    torch.save({"weight": torch.zeros(2)}, prepared / "data/models/mlp.pt")
+    err = user_error(stage("evaluate", *EVALUATE_ARGS, cwd=prepared))
+    assert "data/models/mlp.pt" in err and "not an MLP state_dict" in err
+    assert not (prepared / "metrics/test.json").exists()
+    torch.save({"weight": torch.zeros(2)}, prepared / "data/models/itempop.pt")  # no "counts"
+    err = user_error(stage("evaluate", *EVALUATE_ARGS, cwd=prepared))
+    assert "data/models/itempop.pt" in err and "itempop" in err and "counts" in err
+    (prepared / "data/models/itempop.pt").unlink()
+    err = user_error(stage("evaluate", *EVALUATE_ARGS, cwd=prepared))
+    assert "data/models/itempop.pt: not found" in err and "dvc repro" in err
+    assert not (prepared / "metrics/test.json").exists() and not (prepared / "metrics/hr_at_k").exists()
 
 
 def test_itempop_counts_train_interactions(prepared: Path) -> None:
     from pipeline.data import load_split
-    assert stage("train_itempop", "data/prepared", "data/itempop.npy", cwd=prepared).returncode == 0
-    counts = np.load(prepared / "data/itempop.npy")
+    assert stage("sample_negatives", "data/prepared", "data/candidates", cwd=prepared).returncode == 0
+    train("itempop", prepared)
+    state = torch.load(prepared / "data/models/itempop.pt", weights_only=True)
+    assert set(state) == {"counts"}
     split = load_split(prepared / "data/prepared")
-    assert counts.tolist() == np.asarray(split.train.sum(axis=0)).ravel().astype(int).tolist()
+    assert state["counts"].tolist() == np.asarray(split.train.sum(axis=0)).ravel().astype(int).tolist()
+    curve = (prepared / "metrics/training/itempop.csv").read_text().splitlines()
+    assert curve[0] == "epoch,loss,val_hr,val_ndcg" and len(curve) == 2 and curve[1].startswith("1,,")
+    assert json.loads((prepared / "metrics/training/itempop.json").read_text())["best_epoch"] == 1
+
+
+def test_ease_saves_its_item_weights(prepared: Path) -> None:
+    from pipeline.data import load_split
+    assert stage("sample_negatives", "data/prepared", "data/candidates", cwd=prepared).returncode == 0
+    train("ease", prepared)
+    state = torch.load(prepared / "data/models/ease.pt", weights_only=True)
+    n_items = load_split(prepared / "data/prepared").n_items
+    assert set(state) == {"weights"} and state["weights"].shape == (n_items, n_items)
+    assert torch.all(state["weights"].diagonal() == 0)
