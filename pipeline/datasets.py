@@ -162,7 +162,8 @@ def _undecodable(fields: list[str], table: Table) -> str | None:
     return None
 
 
-def _header_fields(path: Path, table: Table) -> list[str]:
+def _first_record(path: Path, table: Table) -> list[str]:
+    """Return the fields of the file's first line ([] for an empty file), or raise naming the line."""
     records = _records(path, table)
     try:
         _, fields = next(records, (1, []))
@@ -170,6 +171,11 @@ def _header_fields(path: Path, table: Table) -> list[str]:
         raise PipelineError(f"{path}, {err}") from None
     finally:
         records.close()
+    return fields
+
+
+def _header_fields(path: Path, table: Table) -> list[str]:
+    fields = _first_record(path, table)
     bad = _undecodable(fields, table)
     if bad:
         raise PipelineError(f"{path}, line 1: {bad}")
@@ -246,13 +252,7 @@ def read_interactions(path: Path, table: Table, string_ids: bool = False) -> pd.
         raise PipelineError(f"{path}: not found; run the download stage first")
     if path.stat().st_size == 0:
         raise PipelineError(f"{path}: the file is empty")
-    records = _records(path, table)
-    try:
-        _, first = next(records, (1, []))
-    except _LineError as err:
-        raise PipelineError(f"{path}, {err}") from None
-    finally:
-        records.close()
+    first = _first_record(path, table)
     if not first and not table.header:
         raise PipelineError(f"{path}, line 1: empty line")
     n_fields = table.fields or max(len(first), 1)

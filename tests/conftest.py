@@ -127,3 +127,25 @@ def prepared(workdir: Path, prepared_data: Path) -> Path:
     """workdir with a fresh copy of data/raw and data/prepared (built once per session)."""
     shutil.copytree(prepared_data, workdir / "data")
     return workdir
+
+
+def copy_pipeline(root: Path, names) -> None:
+    """Copy the repository's files and folders `names` into root (no __pycache__)."""
+    import shutil
+    for name in names:
+        src, dst = REPO / name, root / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op torch thread, as in the train and evaluate stages: bit-for-bit reproducible."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

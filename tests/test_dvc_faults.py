@@ -31,7 +31,7 @@ import psutil
 import pytest
 import yaml
 
-from conftest import REPO, set_models, set_params
+from conftest import copy_pipeline, REPO, set_models, set_params
 from test_dvc_pipeline import COPIED, TINY_PARAMS, ran_stages
 
 MODELS = ["itempop", "mlp", "gmf"]  # the scenarios change mlp's section; gmf shows the others stay put
@@ -244,13 +244,7 @@ def template(tmp_path_factory, fenv) -> Path:
     """A git repo with the pipeline, tiny params, and the whole pipeline reproduced and committed:
     scenarios start from a finished run (the DVC cache holds every output) and change params."""
     root = tmp_path_factory.mktemp("faults") / "template"
-    for name in COPIED:
-        src, dst = REPO / name, root / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dst)
+    copy_pipeline(root, COPIED)
     set_params(root, **TINY_PARAMS, device="cpu")  # the byte-equality claims are about CPU runs
     set_models(root, MODELS)
     git("init -q -b main", root, fenv)

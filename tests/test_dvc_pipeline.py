@@ -5,7 +5,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, set_models, set_params
+from conftest import copy_pipeline, set_models, set_params
 
 ALL_MODELS = ["itempop", "mlp", "gmf", "neumf", "mf", "ease"]
 NEURAL = ("mlp", "gmf", "neumf", "mf")
@@ -79,13 +78,7 @@ def env(tiny_mirror) -> dict:
 
 def make_project(root: Path, env: dict, models: list[str] | None = None) -> Path:
     """Make root a fresh git repository holding the pipeline (no data, no lock), params sized for tiny data."""
-    for name in COPIED:
-        src, dst = REPO / name, root / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dst)
+    copy_pipeline(root, COPIED)
     set_params(root, **TINY_PARAMS)
     if models is not None:
         set_models(root, models)
@@ -280,6 +273,9 @@ def test_plots_show_every_evaluated_model_with_fewer_models(tmp_path: Path, env:
     run(f"{dvc} repro", root, env)
     out = run(f"{dvc} plots show", root, env)
     html = (root / "dvc_plots/index.html").read_text()
-    assert all(f'"filename": "{m}.csv"' in html for m in ("mlp", "gmf")), html
-    assert "failed to load" not in out, out
-    assert all(f'"filename": "{m}.csv"' in html for m in models), html  # metrics/hr_at_k/<model>.csv
+    # DVC warns about the files of the models that were not trained, and draws every other series.
+    specs = html.split("var spec = ")[1:]
+    assert len(specs) == 3 and not any(spec.startswith("{}") for spec in specs), out  # no plot left empty
+    hr_spec = next(spec for spec in specs if '"hr"' in spec and '"k"' in spec)
+    assert all(f'"filename": "{m}.csv"' in hr_spec for m in models), hr_spec  # metrics/hr_at_k/<model>.csv
+    assert html.count("<img") == 2  # the report's PNG charts

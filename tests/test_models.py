@@ -15,13 +15,7 @@ from pipeline.models import EASE, GMF, MF, MLP, MODEL_CLASSES, ItemPop, NeuMF, P
 N_USERS, N_ITEMS = 7, 11
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Training and scoring bit-for-bit reproducible, as in the train stages."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # bit-for-bit reproducible, as in the train stage
 
 
 def make_mlp(layers=(16, 8), dropout=0.0, seed=0) -> MLP:

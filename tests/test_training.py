@@ -27,13 +27,7 @@ N_USERS, N_ITEMS = 40, 30
 HALF = N_ITEMS // 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread, as in the train stage: bit-for-bit reproducible, and fast on tiny models."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # bit-for-bit reproducible, as in the train stage
 
 
 def planted_problem(n_users: int = N_USERS, n_items: int = N_ITEMS, negatives: int = 5, seed: int = 0
