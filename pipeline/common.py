@@ -13,6 +13,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 
+# One intra-op torch thread in every stage, whatever the machine: the same bits on any core count.
+# Two threads train the MLP about 25% faster on ml-100k (1.22 vs 1.58 s per epoch, 2 cores).
+THREADS = 1
+
+
 class PipelineError(Exception):
     """A problem the user can fix (bad input file, bad param, missing data): printed, not traced."""
 

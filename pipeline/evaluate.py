@@ -16,19 +16,25 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from pipeline.common import PipelineError, atomic_output, run_stage, write_json
+from pipeline.common import THREADS, PipelineError, atomic_output, run_stage, write_json
 from pipeline.data import load_candidates, load_split
 from pipeline.metrics import full_ranks, heldout_rank, hit_ratio, hit_ratio_curve, mrr, ndcg
 from pipeline.models import full_scores, load_model
 from pipeline.params import load_params
-from pipeline.training import THREADS
 
 log = logging.getLogger("evaluate")
 
 CURVE_MAX_K = 20
 
 
-def evaluate_model(name: str, model, split, test, k: int) -> tuple[dict, np.ndarray]:
+def seen_items(split) -> sp.csr_matrix:
+    """Train plus validation interactions: what full ranking leaves out for each test user."""
+    val = sp.csr_matrix((np.ones(len(split.val_users), np.float32), (split.val_users, split.val_items)),
+                        shape=split.train.shape)
+    return (split.train + val).tocsr()
+
+
+def evaluate_model(name: str, model, test, seen: sp.csr_matrix, k: int) -> tuple[dict, np.ndarray]:
     """Return ({hr, ndcg, mrr, full: {hr, ndcg, mrr}}, sampled ranks) for one model."""
     scores = model.score(test.users, test.items)
     if np.isnan(scores).any():
@@ -36,9 +42,7 @@ def evaluate_model(name: str, model, split, test, k: int) -> tuple[dict, np.ndar
     if np.ptp(scores) == 0:
         log.warning("%s gives every candidate the same score: the model has collapsed (too much weight_decay?)", name)
     ranks = heldout_rank(scores)
-    seen = (split.train + sp.csr_matrix((np.ones(len(split.val_users), np.float32),
-                                         (split.val_users, split.val_items)), shape=split.train.shape)).tocsr()
-    full = full_ranks(full_scores(model, split.n_items), test.users, test.items[:, 0], seen)
+    full = full_ranks(full_scores(model, seen.shape[1]), test.users, test.items[:, 0], seen)
     result = {"hr": round(hit_ratio(ranks, k), 6), "ndcg": round(ndcg(ranks, k), 6), "mrr": round(mrr(ranks), 6),
               "full": {"hr": round(hit_ratio(full, k), 6), "ndcg": round(ndcg(full, k), 6),
                        "mrr": round(mrr(full), 6)}}
@@ -60,9 +64,10 @@ def main() -> None:
     test = load_candidates(args.candidates_dir / "test.npz")
     metrics: dict = {"k": k}
     curves = {}
+    seen = seen_items(split)
     for name in params["models"]:
         model = load_model(name, args.models_dir / f"{name}.pt", split.train)
-        metrics[name], ranks = evaluate_model(name, model, split, test, k)
+        metrics[name], ranks = evaluate_model(name, model, test, seen, k)
         curves[name] = hit_ratio_curve(ranks, CURVE_MAX_K)
         m = metrics[name]
         log.info("%s: sampled HR@%d %.4f, NDCG %.4f; full HR@%d %.4f, NDCG %.4f, MRR %.4f",

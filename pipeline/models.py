@@ -94,6 +94,12 @@ def _tower_widths(state: Mapping[str, torch.Tensor], prefix: str) -> list[int]:
     return [shape[0] for _, shape in linear]
 
 
+def _factor_sizes(state: Mapping[str, torch.Tensor]) -> dict:
+    """n_users, n_items and factors of a model with user_ and item_embedding (GMF, MF)."""
+    n_users, factors = state["user_embedding.weight"].shape
+    return {"n_users": n_users, "n_items": state["item_embedding.weight"].shape[0], "factors": factors}
+
+
 class MLP(PairScorer):
     """NCF's MLP: user and item embeddings of layers[0]/2 each, a ReLU tower, one output logit."""
 
@@ -151,10 +157,7 @@ class GMF(PairScorer):
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         return self.output(self.hidden(users, items)).squeeze(-1)
 
-    @staticmethod
-    def sizes_from_state(state: Mapping[str, torch.Tensor]) -> dict:
-        n_users, factors = state["user_embedding.weight"].shape
-        return {"n_users": n_users, "n_items": state["item_embedding.weight"].shape[0], "factors": factors}
+    sizes_from_state = staticmethod(_factor_sizes)
 
 
 class MF(PairScorer):
@@ -186,10 +189,7 @@ class MF(PairScorer):
         out += self.user_bias(u) + self.item_bias.weight.T + self.bias
         return out.float().cpu()
 
-    @staticmethod
-    def sizes_from_state(state: Mapping[str, torch.Tensor]) -> dict:
-        n_users, factors = state["user_embedding.weight"].shape
-        return {"n_users": n_users, "n_items": state["item_embedding.weight"].shape[0], "factors": factors}
+    sizes_from_state = staticmethod(_factor_sizes)
 
 
 class NeuMF(PairScorer):

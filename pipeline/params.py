@@ -201,15 +201,22 @@ def _convert(key: str, value: Any, source: str, spec: Spec | None = None) -> Any
     return number
 
 
+def _sections_with(field: str) -> list[str]:
+    """The model sections that have `field` (e.g. 'lr' -> mlp, gmf, neumf, mf)."""
+    return [name for name, spec in SPECS.items() if spec.kind == "section" and field in spec.fields]
+
+
 def validate(raw: Any, source: str = PARAMS_FILE) -> dict[str, Any]:
     """Return the params with every key converted and checked; raise PipelineError naming the key."""
     if not isinstance(raw, dict):
         raise PipelineError(f"{source}: expected a mapping of top-level keys, got {type(raw).__name__}")
     unknown = sorted(str(k) for k in raw if k not in SPECS)
     if unknown:
+        moved = [f"{k!r} is now per model: {', '.join(repr(f'{name}.{k}') for name in _sections_with(k))} "
+                 f"(dvc exp run -S {_sections_with(k)[0]}.{k}=...)" for k in unknown if _sections_with(k)]
         raise PipelineError(
             f"{source}: unknown key(s) {', '.join(repr(k) for k in unknown)}; "
-            f"known keys: {', '.join(SPECS)}"
+            + ("; ".join(moved) if moved else f"known keys: {', '.join(SPECS)}")
         )
     missing = [k for k in SPECS if k not in raw]
     if missing:

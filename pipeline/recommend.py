@@ -22,11 +22,10 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from pipeline.common import PipelineError, atomic_output, run_stage
+from pipeline.common import THREADS, PipelineError, atomic_output, run_stage
 from pipeline.data import load_id_maps, load_recent, load_split
 from pipeline.models import EASE, full_scores, load_model
 from pipeline.params import load_params
-from pipeline.training import THREADS
 
 log = logging.getLogger("recommend")
 
