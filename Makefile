@@ -16,7 +16,7 @@ setup: $(VENV)/.installed
 
 repro: setup
 	dvc repro
-	dvc metrics show
+	python -m pipeline.summary
 
 test: setup
 	python -m pytest -q tests

@@ -14,8 +14,21 @@ from typing import Any, Callable, Iterator
 
 
 # One intra-op torch thread in every stage, whatever the machine: the same bits on any core count.
-# Two threads train the MLP about 25% faster on ml-100k (1.22 vs 1.58 s per epoch, 2 cores).
+# Two threads train the MLP 10-27% faster here, but change its bits (measured: benchmarks/speed.py).
 THREADS = 1
+
+
+def configure_torch() -> None:
+    """Set up torch for a stage: THREADS threads, and subnormal floats flushed to zero.
+
+    Tiny embedding products are subnormal, and on some CPUs every operation on one costs about a
+    hundred cycles: flushing them made an MLP epoch about 5x faster on the 2-core development
+    machine, with the same bits on every run.
+    """
+    import torch  # here, not at the top: the data stages do not need torch
+
+    torch.set_num_threads(THREADS)
+    torch.set_flush_denormal(True)
 
 
 class PipelineError(Exception):

@@ -1,83 +1,134 @@
-"""Stage `evaluate`: every model in `models`, on the same test users, by two protocols.
+"""Stage `evaluate`: every trained model, on the same test users, by two protocols, with error bars.
+
+    python -m pipeline.evaluate PREPARED_DIR CANDIDATES_DIR MODELS_DIR METRICS_OUT INTERVALS_OUT CURVE_DIR RANKS_OUT
 
 Sampled: each user's held-out test item ranked against its `test_negatives` sampled candidates
 (HR@topK, NDCG@topK, MRR). Full: the held-out item ranked against every item the user has not
-interacted with in train or validation (HR@topK, NDCG@topK, MRR), scored in batches of users with
-tensor operations. In both, an equal score ranks the held-out item below the other item
-(pessimistic ties, as in the seed notebook).
+interacted with in train or validation, scored in batches of users with tensor operations. In
+both, an equal score ranks the held-out item below the other item (pessimistic ties, as in the
+seed notebook). Each model is its test-time checkpoint (refitted on train + validation when
+`refit` is on; EASE then reads each user's train and validation items as their history).
+
+Writes METRICS_OUT (test.json: the DVC metrics), INTERVALS_OUT (95% intervals of every metric and
+each model's paired difference from the best model and from ItemPop; see pipeline.stats),
+CURVE_DIR/<model>.csv (sampled HR@K for K = 1..20) and RANKS_OUT (every user's sampled and full
+rank per model, with what identifies the test set: for `python -m pipeline.compare`).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
-import torch
 
-from pipeline.common import THREADS, PipelineError, atomic_output, run_stage, write_json
-from pipeline.data import load_candidates, load_split
+from pipeline.common import PipelineError, atomic_output, configure_torch, run_stage, write_json
+from pipeline.data import Candidates, load_candidates, load_split
 from pipeline.metrics import full_ranks, heldout_rank, hit_ratio, hit_ratio_curve, mrr, ndcg
-from pipeline.models import full_scores, load_model
-from pipeline.params import load_params
+from pipeline.models import load_model
+from pipeline.params import load_params, trained_models
+from pipeline.stats import interval, paired, per_user, verdict
 
 log = logging.getLogger("evaluate")
 
 CURVE_MAX_K = 20
+PROTOCOLS = ("sampled", "full")
+BASELINE = "itempop"
 
 
-def seen_items(split) -> sp.csr_matrix:
-    """Train plus validation interactions: what full ranking leaves out for each test user."""
-    val = sp.csr_matrix((np.ones(len(split.val_users), np.float32), (split.val_users, split.val_items)),
-                        shape=split.train.shape)
-    return (split.train + val).tocsr()
+def test_set_digest(test: Candidates) -> str:
+    """A fingerprint of the test users and their candidate lists: equal digests, comparable runs."""
+    digest = hashlib.sha256()
+    for array in (test.users, test.items):
+        digest.update(np.ascontiguousarray(array, dtype=np.int64).tobytes())
+    return digest.hexdigest()
 
 
-def evaluate_model(name: str, model, test, seen: sp.csr_matrix, k: int) -> tuple[dict, np.ndarray]:
-    """Return ({hr, ndcg, mrr, full: {hr, ndcg, mrr}}, sampled ranks) for one model."""
+def model_ranks(name: str, model, test: Candidates, seen) -> dict[str, np.ndarray]:
+    """Return {'sampled', 'full'}: each test user's 0-based rank of the held-out item, for one model."""
     scores = model.score(test.users, test.items)
     if np.isnan(scores).any():
         raise PipelineError(f"model {name} produced NaN scores; retrain it")
     if np.ptp(scores) == 0:
         log.warning("%s gives every candidate the same score: the model has collapsed (too much weight_decay?)", name)
-    ranks = heldout_rank(scores)
-    full = full_ranks(full_scores(model, seen.shape[1]), test.users, test.items[:, 0], seen)
-    result = {"hr": round(hit_ratio(ranks, k), 6), "ndcg": round(ndcg(ranks, k), 6), "mrr": round(mrr(ranks), 6),
-              "full": {"hr": round(hit_ratio(full, k), 6), "ndcg": round(ndcg(full, k), 6),
-                       "mrr": round(mrr(full), 6)}}
-    return result, ranks
+    return {"sampled": heldout_rank(scores), "full": full_ranks(model.score_all, test.users, test.items[:, 0], seen)}
+
+
+def point_metrics(ranks: dict[str, np.ndarray], k: int) -> dict:
+    """The test.json entry of one model: {hr, ndcg, mrr, full: {hr, ndcg, mrr}}."""
+    def three(r):
+        return {"hr": round(hit_ratio(r, k), 6), "ndcg": round(ndcg(r, k), 6), "mrr": round(mrr(r), 6)}
+    return {**three(ranks["sampled"]), "full": three(ranks["full"])}
+
+
+def intervals(all_ranks: dict[str, dict[str, np.ndarray]], k: int) -> dict:
+    """95% intervals of every metric, and each model's paired HR@k and NDCG@k difference from the
+    best model (by that protocol's HR@k) and from ItemPop."""
+    values = {name: {p: per_user(r[p], k) for p in PROTOCOLS} for name, r in all_ranks.items()}
+    out: dict = {"k": k, "users": len(next(iter(all_ranks.values()))["sampled"]), "method": "t interval over "
+                 "users; differences: paired t-test over users (pipeline/stats.py)", "models": {}}
+    best = {p: max(values, key=lambda name: values[name][p]["hr"].mean()) for p in PROTOCOLS}
+    out["best"] = best
+    for name, by_protocol in values.items():
+        entry = {}
+        for p, metric_values in by_protocol.items():
+            entry[p] = {metric: interval(v).as_dict() for metric, v in metric_values.items()}
+            for label, other in (("vs_best", best[p]), ("vs_itempop", BASELINE)):
+                if other == name or other not in values:
+                    continue
+                entry[p][label] = {"model": other}
+                for metric in ("hr", "ndcg"):
+                    diff = paired(metric_values[metric], values[other][p][metric])
+                    entry[p][label][metric] = {**diff.as_dict(), "verdict": verdict(diff)}
+        out["models"][name] = entry
+    return out
+
+
+def save_ranks(path: Path, all_ranks: dict, test: Candidates, params: dict) -> None:
+    """Every user's ranks per model and protocol (int32), with what identifies the test set."""
+    arrays = {f"{name}/{p}": r[p].astype(np.int32) for name, r in all_ranks.items() for p in PROTOCOLS}
+    with atomic_output(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, users=test.users.astype(np.int32), test_items=test.items[:, 0].astype(np.int32),
+                 models=np.array(list(all_ranks)), dataset=np.array(params["dataset"]),
+                 test_set=np.array(test_set_digest(test)), k=np.array(params["topK"]), **arrays)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Score every model on the test users.")
     parser.add_argument("prepared_dir", type=Path)
     parser.add_argument("candidates_dir", type=Path)
-    parser.add_argument("models_dir", type=Path, help="holds <model>.pt for each model in `models`")
+    parser.add_argument("models_dir", type=Path, help="holds <model>.pt for every trained model")
     parser.add_argument("metrics_out", type=Path, help="test metrics (.json)")
+    parser.add_argument("intervals_out", type=Path, help="95%% intervals and paired differences (.json)")
     parser.add_argument("curve_dir", type=Path, help="sampled HR@K for K = 1..20: <model>.csv (k, hr) per model")
+    parser.add_argument("ranks_out", type=Path, help="per-user ranks of every model (.npz)")
     args = parser.parse_args()
     params = load_params()
     k = params["topK"]
-    torch.set_num_threads(THREADS)
+    configure_torch()
     split = load_split(args.prepared_dir)
     test = load_candidates(args.candidates_dir / "test.npz")
+    seen = split.train_and_val()  # full ranking leaves these out; a refitted EASE reads them as history
+    history = seen if params["refit"] else split.train
     metrics: dict = {"k": k}
-    curves = {}
-    seen = seen_items(split)
-    for name in params["models"]:
-        model = load_model(name, args.models_dir / f"{name}.pt", split.train)
-        metrics[name], ranks = evaluate_model(name, model, test, seen, k)
-        curves[name] = hit_ratio_curve(ranks, CURVE_MAX_K)
-        m = metrics[name]
+    all_ranks = {}
+    for name in trained_models(params):
+        model = load_model(name, args.models_dir / f"{name}.pt", history)
+        all_ranks[name] = model_ranks(name, model, test, seen)
+        metrics[name] = m = point_metrics(all_ranks[name], k)
         log.info("%s: sampled HR@%d %.4f, NDCG %.4f; full HR@%d %.4f, NDCG %.4f, MRR %.4f",
                  name, k, m["hr"], m["ndcg"], k, m["full"]["hr"], m["full"]["ndcg"], m["full"]["mrr"])
+    save_ranks(args.ranks_out, all_ranks, test, params)
+    write_json(args.intervals_out, intervals(all_ranks, k))
     write_json(args.metrics_out, metrics)
     # One file per model, so that DVC's plot of them never names a model that was not evaluated.
     with atomic_output(args.curve_dir, is_dir=True) as tmp:
-        for name, curve in curves.items():
+        for name, ranks in all_ranks.items():
+            curve = hit_ratio_curve(ranks["sampled"], CURVE_MAX_K)
             rows = "".join(f"{i + 1},{v:.6f}\n" for i, v in enumerate(curve))
             (tmp / f"{name}.csv").write_text("k,hr\n" + rows, encoding="utf-8")
+
 
 if __name__ == "__main__":
     run_stage(main)

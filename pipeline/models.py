@@ -1,4 +1,11 @@
-"""Recommender models with one scoring interface: score(users, items) -> scores, higher is better."""
+"""Recommender models with one scoring interface, and the registry that every stage asks.
+
+Every model scores with score(users, items) -> [len(users), candidates] (higher is better) and
+score_all(users) -> [len(users), n_items]. `REGISTRY` maps a model's name to its class; a class
+says how it is built from its params section (`from_params`, neural models) or fitted
+(`fit`, closed-form models), and how it is rebuilt from a saved checkpoint (`from_state`).
+A stage never branches on a model's name: a new model is a class and a registry entry.
+"""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -15,18 +22,49 @@ from pipeline.common import PipelineError
 class ItemPop:
     """Scores an item by its number of train interactions, whoever the user is."""
 
+    label = "ItemPop"
+    neural = False
+
     def __init__(self, counts: np.ndarray):
         self.counts = np.asarray(counts)
+
+    @staticmethod
+    def fit(train: sp.csr_matrix, section: dict) -> dict[str, torch.Tensor]:
+        """Return the checkpoint: each item's interaction count in `train`."""
+        return {"counts": torch.from_numpy(np.bincount(train.indices, minlength=train.shape[1]).astype(np.int64))}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, torch.Tensor], history: sp.csr_matrix) -> "ItemPop":
+        return cls(state["counts"].numpy())
+
+    @property
+    def n_items(self) -> int:
+        return len(self.counts)
 
     def score(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Return popularity counts shaped like `items` (users are ignored)."""
         return self.counts[items].astype(np.float64)
 
+    def score_all(self, users: np.ndarray) -> torch.Tensor:
+        """The counts of every item, one row per user (a broadcast view, no copy)."""
+        return torch.from_numpy(self.counts.astype(np.float32)).expand(len(users), len(self.counts))
+
 
 class PairScorer(nn.Module):
     """A neural model: forward(users, items) -> one logit per pair; scoring helpers for evaluation."""
 
-    label = "a model"  # for messages: "not an MLP state_dict"
+    label = "model"  # the display name: "MLP"
+    neural = True
+
+    @classmethod
+    def from_params(cls, n_users: int, n_items: int, section: dict) -> "PairScorer":
+        """A freshly initialised model with the sizes in its params section."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, torch.Tensor], history: sp.csr_matrix) -> "PairScorer":
+        """The model saved as `state` (a checkpoint's tensors), in eval mode."""
+        return cls.from_state_dict(state)
 
     @torch.no_grad()
     def score(self, users: np.ndarray, items: np.ndarray, batch_rows: int = 4096) -> np.ndarray:
@@ -45,24 +83,32 @@ class PairScorer(nn.Module):
         return out.numpy().astype(np.float64)
 
     @torch.no_grad()
-    def score_all(self, users: np.ndarray, max_pairs: int = 1 << 18) -> torch.Tensor:
+    def score_all(self, users: np.ndarray, max_elements: int = 1 << 24) -> torch.Tensor:
         """Return float32 logits [len(users), n_items]: every item for each user.
 
-        Pairs go through the network in chunks of about max_pairs, so memory stays bounded.
+        Users go through `score_block` in chunks of about max_elements floats of intermediate
+        values (64 MB), so memory stays bounded.
         """
         was_training = self.training
         self.eval()
         n_items = self.n_items
         users_t = torch.as_tensor(np.asarray(users), dtype=torch.long, device=self.device)
         out = torch.empty((len(users_t), n_items), dtype=torch.float32)
-        step = max(1, max_pairs // max(n_items, 1))
-        items = torch.arange(n_items, device=self.device)
+        step = max(1, max_elements // max(n_items * self.pair_width, 1))
         for lo in range(0, len(users_t), step):
-            u = users_t[lo:lo + step]
-            grid = items.expand(len(u), n_items)
-            out[lo:lo + len(u)] = self(u[:, None].expand_as(grid), grid).float().cpu()
+            out[lo:lo + step] = self.score_block(users_t[lo:lo + step]).float().cpu()
         self.train(was_training)
         return out
+
+    @property
+    def pair_width(self) -> int:
+        """Floats of intermediate values per (user, item) pair in score_block: sets its chunk size."""
+        return 1
+
+    def score_block(self, users: torch.Tensor) -> torch.Tensor:
+        """Logits [len(users), n_items] (eval mode, no grad): every pair through forward()."""
+        grid = torch.arange(self.n_items, device=users.device).expand(len(users), self.n_items)
+        return self(users[:, None].expand_as(grid), grid)
 
     @property
     def device(self) -> torch.device:
@@ -79,12 +125,16 @@ class PairScorer(nn.Module):
             model = cls(**cls.sizes_from_state(state))
             model.load_state_dict(state)
         except (KeyError, AttributeError, ValueError, IndexError, TypeError, RuntimeError) as err:
-            raise ValueError(f"not {cls.label} state_dict ({type(err).__name__}: {err})") from None
+            raise ValueError(f"not {_article(cls.label)} {cls.label} state_dict ({type(err).__name__}: {err})") from None
         return model.eval()
 
     @staticmethod
     def sizes_from_state(state: Mapping[str, torch.Tensor]) -> dict:
         raise NotImplementedError
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "AEFHILMNORSX" else "a"  # by the letter's sound: "an MLP", "a GMF"
 
 
 def _tower_widths(state: Mapping[str, torch.Tensor], prefix: str) -> list[int]:
@@ -103,7 +153,11 @@ def _factor_sizes(state: Mapping[str, torch.Tensor]) -> dict:
 class MLP(PairScorer):
     """NCF's MLP: user and item embeddings of layers[0]/2 each, a ReLU tower, one output logit."""
 
-    label = "an MLP"
+    label = "MLP"
+
+    @classmethod
+    def from_params(cls, n_users: int, n_items: int, section: dict) -> "MLP":
+        return cls(n_users, n_items, section["layers"], section["dropout"])
 
     def __init__(self, n_users: int, n_items: int, layers: list[int], dropout: float = 0.0):
         super().__init__()
@@ -113,6 +167,7 @@ class MLP(PairScorer):
         self.user_embedding = nn.Embedding(n_users, dim)
         self.item_embedding = nn.Embedding(n_items, dim)
         self.dropout = dropout
+        self.dropout_generator: torch.Generator | None = None  # set by the training loop: its own draws
         self.tower = nn.ModuleList(nn.Linear(a, b) for a, b in zip(layers[:-1], layers[1:]))
         self.output = nn.Linear(layers[-1], 1)
         nn.init.normal_(self.user_embedding.weight, std=0.01)
@@ -123,13 +178,45 @@ class MLP(PairScorer):
         x = torch.cat([self.user_embedding(users), self.item_embedding(items)], dim=-1)
         for layer in self.tower:
             x = torch.relu(layer(x))
-            if self.dropout > 0:
-                x = nn.functional.dropout(x, self.dropout, self.training)
+            if self.dropout > 0 and self.training:
+                x = self._drop(x)
         return x
+
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverted dropout, drawn from dropout_generator when one is set (else torch's global one)."""
+        if self.dropout_generator is None:
+            return nn.functional.dropout(x, self.dropout, True)
+        keep = torch.rand(x.shape, generator=self.dropout_generator, device=x.device) >= self.dropout
+        return x * keep / (1.0 - self.dropout)
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Return one logit per (user, item) pair, shaped like `users`."""
         return self.output(self.hidden(users, items)).squeeze(-1)
+
+    def hidden_grid(self, users: torch.Tensor) -> torch.Tensor:
+        """The tower's last activations for every item, [len(users), n_items, layers[-1]] (eval mode).
+
+        The first layer is linear in [p_u, q_i], so it is W_u p_u + (W_i q_i + b), computed once per
+        user and once per item and added by broadcasting: no [pairs x layers[0]] copy of embeddings.
+        """
+        if not len(self.tower):  # layers: [d]: the "tower" is the two embeddings side by side
+            items = torch.arange(self.n_items, device=users.device).expand(len(users), self.n_items)
+            return self.hidden(users[:, None].expand_as(items), items)
+        first = self.tower[0]
+        dim = self.user_embedding.embedding_dim
+        per_user = self.user_embedding(users) @ first.weight[:, :dim].T
+        per_item = self.item_embedding.weight @ first.weight[:, dim:].T + first.bias
+        x = torch.relu(per_user[:, None, :] + per_item[None, :, :])
+        for layer in self.tower[1:]:
+            x = torch.relu(layer(x))
+        return x
+
+    @property
+    def pair_width(self) -> int:
+        return 2 * self.tower[0].out_features if len(self.tower) else self.user_embedding.embedding_dim * 2
+
+    def score_block(self, users: torch.Tensor) -> torch.Tensor:
+        return self.output(self.hidden_grid(users)).squeeze(-1)
 
     @staticmethod
     def sizes_from_state(state: Mapping[str, torch.Tensor]) -> dict:
@@ -141,7 +228,11 @@ class MLP(PairScorer):
 class GMF(PairScorer):
     """NCF's generalised matrix factorisation: a learned weighting of p_u * q_i, one output logit."""
 
-    label = "a GMF"
+    label = "GMF"
+
+    @classmethod
+    def from_params(cls, n_users: int, n_items: int, section: dict) -> "GMF":
+        return cls(n_users, n_items, section["factors"])
 
     def __init__(self, n_users: int, n_items: int, factors: int):
         super().__init__()
@@ -157,13 +248,24 @@ class GMF(PairScorer):
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         return self.output(self.hidden(users, items)).squeeze(-1)
 
+    @torch.no_grad()
+    def score_all(self, users: np.ndarray) -> torch.Tensor:
+        """Every item for each user, as one matrix product: (p_u * w) q_i + b."""
+        u = torch.as_tensor(np.asarray(users), dtype=torch.long, device=self.device)
+        out = (self.user_embedding(u) * self.output.weight[0]) @ self.item_embedding.weight.T + self.output.bias
+        return out.float().cpu()
+
     sizes_from_state = staticmethod(_factor_sizes)
 
 
 class MF(PairScorer):
     """Biased matrix factorisation (Rendle et al. 2020): b + b_u + b_i + <p_u, q_i>."""
 
-    label = "an MF"
+    label = "MF"
+
+    @classmethod
+    def from_params(cls, n_users: int, n_items: int, section: dict) -> "MF":
+        return cls(n_users, n_items, section["factors"])
 
     def __init__(self, n_users: int, n_items: int, factors: int):
         super().__init__()
@@ -195,7 +297,7 @@ class MF(PairScorer):
 class NeuMF(PairScorer):
     """NCF's NeuMF: a GMF branch and an MLP branch, concatenated into one output logit."""
 
-    label = "a NeuMF"
+    label = "NeuMF"
 
     def __init__(self, n_users: int, n_items: int, factors: int, layers: list[int], dropout: float = 0.0):
         super().__init__()
@@ -212,12 +314,25 @@ class NeuMF(PairScorer):
         both = torch.cat([self.gmf.hidden(users, items), self.mlp.hidden(users, items)], dim=-1)
         return self.output(both).squeeze(-1)
 
+    @property
+    def pair_width(self) -> int:
+        return self.mlp.pair_width
+
+    def score_block(self, users: torch.Tensor) -> torch.Tensor:
+        """GMF's half as a matrix product, the MLP's through its tower for every item (MLP.hidden_grid)."""
+        factors = self.gmf.user_embedding.embedding_dim
+        weight = self.output.weight[0]
+        gmf = (self.gmf.user_embedding(users) * weight[:factors]) @ self.gmf.item_embedding.weight.T
+        return gmf + self.mlp.hidden_grid(users) @ weight[factors:] + self.output.bias
+
     @classmethod
-    def from_pretrained(cls, gmf: GMF, mlp: MLP, alpha: float = 0.5) -> "NeuMF":
-        """NeuMF initialised from trained GMF and MLP (NCF, section 3.4.1): output = alpha/(1-alpha) mix."""
+    def from_pretrained(cls, gmf: GMF, mlp: MLP, alpha: float = 0.5, dropout: float | None = None) -> "NeuMF":
+        """NeuMF initialised from trained GMF and MLP (NCF, section 3.4.1): output = alpha/(1-alpha) mix.
+
+        The MLP branch's dropout is `dropout`, or the MLP's own when None."""
         n_users, factors = gmf.user_embedding.weight.shape
         layers = [2 * mlp.user_embedding.weight.shape[1]] + [layer.out_features for layer in mlp.tower]
-        model = cls(n_users, gmf.n_items, factors, layers, mlp.dropout)
+        model = cls(n_users, gmf.n_items, factors, layers, mlp.dropout if dropout is None else dropout)
         gmf_state = {k: v for k, v in gmf.state_dict().items() if not k.startswith("output.")}
         mlp_state = {k: v for k, v in mlp.state_dict().items() if not k.startswith("output.")}
         model.gmf.load_state_dict(gmf_state)
@@ -238,12 +353,29 @@ class NeuMF(PairScorer):
 class EASE:
     """EASE (Steck 2019): item-item weights B from the Gram matrix; a user's scores are x_u B."""
 
+    label = "EASE"
+    neural = False
+
     def __init__(self, weights: torch.Tensor, history: sp.csr_matrix):
         self.weights = weights  # [n_items, n_items], zero diagonal
         self.history = history.tocsr()
 
+    @classmethod
+    def from_state(cls, state: Mapping[str, torch.Tensor], history: sp.csr_matrix) -> "EASE":
+        """EASE with the saved weights, scoring each user from their row of `history`."""
+        return cls(state["weights"].float(), history)
+
+    @classmethod
+    def fit(cls, train: sp.csr_matrix, section: dict) -> dict[str, torch.Tensor]:
+        """Return the checkpoint: the weights for the `lambda` of the section."""
+        if train.shape[1] > MAX_EASE_ITEMS:
+            raise PipelineError(f"ease: {train.shape[1]} items; EASE inverts an items x items matrix, "
+                                f"which is too large here (at most {MAX_EASE_ITEMS:,}). Remove ease from "
+                                "'models' in params.yaml.")
+        return {"weights": cls.weights_for(train, section["lambda"])}
+
     @staticmethod
-    def fit(train: sp.csr_matrix, lam: float) -> torch.Tensor:
+    def weights_for(train: sp.csr_matrix, lam: float) -> torch.Tensor:
         """Return B = I - P / diag(P) with P = (X^T X + lam I)^-1 (float64 solve, float32 result)."""
         x = train.astype(np.float64)
         gram = torch.from_numpy((x.T @ x).toarray())
@@ -266,35 +398,29 @@ class EASE:
         return np.take_along_axis(full, np.asarray(items), axis=1).astype(np.float64)
 
 
-MODEL_CLASSES = {"mlp": MLP, "gmf": GMF, "mf": MF, "neumf": NeuMF}
+MAX_EASE_ITEMS = 30_000
+REGISTRY: dict[str, type] = {"itempop": ItemPop, "mlp": MLP, "gmf": GMF, "mf": MF, "ease": EASE, "neumf": NeuMF}
+MODEL_CLASSES = {name: cls for name, cls in REGISTRY.items() if cls.neural}  # the neural ones
 
 
-def load_model(name: str, path: Path, train: sp.csr_matrix):
-    """Load a model written by `train@<name>` (tensors only: torch.load(weights_only=True))."""
+def load_state(name: str, path: Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint written by a train stage (tensors only: torch.load(weights_only=True))."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise PipelineError(f"{path}: not found; run `dvc repro` to train {name}") from None
     except Exception as err:  # torch raises many kinds for a file that is not a checkpoint
         raise PipelineError(f"{path}: not a readable model checkpoint ({type(err).__name__}: {err})") from None
+
+
+def load_model(name: str, path: Path, history: sp.csr_matrix):
+    """Load model `name` from `path`; `history` is what a user is known to have seen (EASE's input)."""
+    state = load_state(name, path)
     try:
-        if name == "itempop":
-            model = ItemPop(state["counts"].numpy())
-        elif name == "ease":
-            model = EASE(state["weights"].float(), train)
-        else:
-            model = MODEL_CLASSES[name].from_state_dict(state)
+        model = REGISTRY[name].from_state(state, history)
     except (KeyError, AttributeError, TypeError, ValueError) as err:
         raise PipelineError(f"{path}: not a valid {name} checkpoint ({err})") from None
-    if getattr(model, "n_items", train.shape[1]) != train.shape[1]:
-        raise PipelineError(f"{path}: {name} was trained on {model.n_items} items, the data has {train.shape[1]}; "
+    if model.n_items != history.shape[1]:
+        raise PipelineError(f"{path}: {name} was trained on {model.n_items} items, the data has {history.shape[1]}; "
                             "run `dvc repro`")
     return model
-
-
-def full_scores(model, n_items: int):
-    """Return score_all(users) -> [users, n_items] float32 tensor for any model."""
-    if isinstance(model, ItemPop):
-        counts = torch.from_numpy(model.counts.astype(np.float32))
-        return lambda users: counts.expand(len(users), n_items)
-    return model.score_all

@@ -40,7 +40,8 @@ class Spec:
         if self.kind == "section":
             return "a mapping with the keys " + (", ".join(self.fields) or "(none: {})")
         if self.kind == "choice_list":
-            return "a non-empty list of distinct names from " + ", ".join(self.choices)
+            size = "a list" if self.optional else "a non-empty list"
+            return f"{size} of distinct names from " + ", ".join(self.choices) + (" ([] for none)" if self.optional else "")
         if self.kind == "bool":
             return "true or false"
         if self.kind == "str":
@@ -59,18 +60,32 @@ def _fmt(x: float) -> str:
 
 DATASET_NAMES = ("ml-100k", "ml-1m", "ml-20m", "ml-25m", "ml-latest-small", "custom", "synthetic-1m",
                  "synthetic-20m")
-MODEL_NAMES = ("itempop", "mlp", "gmf", "neumf", "mf", "ease")
+CORE_MODELS = ("itempop", "mlp")  # always trained: stages train_itempop and train_mlp (the user's contract)
+ADDED_MODELS = ("gmf", "mf", "ease")  # trained from the data alone: stage train@<name>, chosen by `models`
+FUSED_MODELS = ("neumf",)  # start from other models' checkpoints: stage fuse@<name>, chosen by `fused`
+MODEL_NAMES = CORE_MODELS + ADDED_MODELS + FUSED_MODELS
+LABELS = {"itempop": "ItemPop", "mlp": "MLP", "gmf": "GMF", "mf": "MF", "ease": "EASE", "neumf": "NeuMF"}
+FUSED_FROM = {"neumf": ("gmf", "mlp")}  # the checkpoints each fused model starts from
 SEPARATORS = (",", "\t", ";", "|", "::", " ")
 
-_LOOP = {  # the shared training loop's settings, in every neural model's section
+_LOOP = {  # the shared training loop's settings: top-level keys for the MLP, a section's fields for the others
     "lr": Spec("float", 0.0, 1.0, low_open=True),
     "weight_decay": Spec("float", 0.0, 1.0),
     "epochs": Spec("int", 1, 10000),
     "batch_size": Spec("int", 1, 2**24),
     "negatives": Spec("int", 1, 1000),
 }
+_DROPOUT = Spec("float", 0.0, 1.0, high_open=True)
+# The MLP's knobs are top-level keys (`dvc exp run -S lr=0.01`): the model the project began with.
+MLP_KEYS = ("layers", "dropout", *_LOOP)
 
 SPECS: dict[str, Spec] = {
+    "layers": Spec("int_list", 1, 65536),
+    "dropout": _DROPOUT,
+    **_LOOP,
+    "topK": Spec("int", 1, 100001),
+    "test_negatives": Spec("int", 1, 100000),
+    "refit": Spec("bool"),
     "dataset": Spec("choice", choices=DATASET_NAMES),
     "custom_path": Spec("str"),
     "custom_sep": Spec("choice", choices=SEPARATORS),
@@ -81,23 +96,23 @@ SPECS: dict[str, Spec] = {
     "custom_rating": Spec("column", optional=True),
     "min_rating": Spec("float", 0.0, 1e9),
     "seed": Spec("int", 0, 2**32 - 1),
-    "models": Spec("choice_list", choices=MODEL_NAMES),
-    # One section per model: its stage `train@<model>` reads exactly its own section.
-    "itempop": Spec("section", fields={}),
-    "mlp": Spec("section", fields={
-        "layers": Spec("int_list", 1, 65536), "dropout": Spec("float", 0.0, 1.0, high_open=True), **_LOOP}),
+    "candidate_seed": Spec("int", 0, 2**32 - 1),
+    "models": Spec("choice_list", choices=ADDED_MODELS, optional=True),
+    "fused": Spec("choice_list", choices=FUSED_MODELS, optional=True),
+    # One section per added model: its stage reads exactly its own section.
     "gmf": Spec("section", fields={"factors": Spec("int", 1, 65536), **_LOOP}),
-    "neumf": Spec("section", fields={
-        "factors": Spec("int", 1, 65536), "layers": Spec("int_list", 1, 65536),
-        "dropout": Spec("float", 0.0, 1.0, high_open=True), "pretrain": Spec("bool"),
-        "pretrain_lr": Spec("float", 0.0, 1.0, low_open=True), "pretrain_epochs": Spec("int", 1, 10000), **_LOOP}),
     "mf": Spec("section", fields={"factors": Spec("int", 1, 65536), **_LOOP}),
     "ease": Spec("section", fields={"lambda": Spec("float", 0.0, 1e12, low_open=True)}),
-    "test_negatives": Spec("int", 1, 100000),
-    "topK": Spec("int", 1, 100001),
+    "neumf": Spec("section", fields={"dropout": _DROPOUT, **_LOOP}),
     "device": Spec("choice", choices=("auto", "cpu", "cuda")),
     "recommend_model": Spec("choice", choices=MODEL_NAMES),
     "recommend_n": Spec("int", 1, 1000),
+}
+
+# Keys of earlier releases, and what replaced them (named in the error for an unknown key).
+RENAMED = {
+    "mlp": "the MLP's knobs are top-level keys now: " + ", ".join(MLP_KEYS) + " (dvc exp run -S lr=0.01)",
+    "itempop": "ItemPop has no knobs; it is always trained (stage train_itempop)",
 }
 
 
@@ -160,8 +175,10 @@ def _convert(key: str, value: Any, source: str, spec: Spec | None = None) -> Any
                 value = yaml.safe_load(value)
             except Exception:  # noqa: BLE001 (reported below)
                 pass
-        if (not isinstance(value, list) or not value or len(set(map(str, value))) != len(value)
-                or any(v not in spec.choices for v in value)):
+        if value is None and spec.optional:
+            value = []
+        if (not isinstance(value, list) or (not value and not spec.optional)
+                or len(set(map(str, value))) != len(value) or any(v not in spec.choices for v in value)):
             raise PipelineError(f"{source}: '{key}' must be {spec.describe()}, got {value!r}")
         return value
     if spec.kind == "bool":
@@ -201,19 +218,13 @@ def _convert(key: str, value: Any, source: str, spec: Spec | None = None) -> Any
     return number
 
 
-def _sections_with(field: str) -> list[str]:
-    """The model sections that have `field` (e.g. 'lr' -> mlp, gmf, neumf, mf)."""
-    return [name for name, spec in SPECS.items() if spec.kind == "section" and field in spec.fields]
-
-
 def validate(raw: Any, source: str = PARAMS_FILE) -> dict[str, Any]:
     """Return the params with every key converted and checked; raise PipelineError naming the key."""
     if not isinstance(raw, dict):
         raise PipelineError(f"{source}: expected a mapping of top-level keys, got {type(raw).__name__}")
     unknown = sorted(str(k) for k in raw if k not in SPECS)
     if unknown:
-        moved = [f"{k!r} is now per model: {', '.join(repr(f'{name}.{k}') for name in _sections_with(k))} "
-                 f"(dvc exp run -S {_sections_with(k)[0]}.{k}=...)" for k in unknown if _sections_with(k)]
+        moved = [f"{k!r}: {RENAMED[k]}" for k in unknown if k in RENAMED]
         raise PipelineError(
             f"{source}: unknown key(s) {', '.join(repr(k) for k in unknown)}; "
             + ("; ".join(moved) if moved else f"known keys: {', '.join(SPECS)}")
@@ -221,19 +232,34 @@ def validate(raw: Any, source: str = PARAMS_FILE) -> dict[str, Any]:
     missing = [k for k in SPECS if k not in raw]
     if missing:
         raise PipelineError(f"{source}: missing key(s) {', '.join(repr(k) for k in missing)}")
-    params = {key: _convert(key, raw[key], source) for key in SPECS}
-    for key in ("mlp", "neumf"):
-        if params[key]["layers"][0] % 2:
+    for key in ("models", "fused"):  # a core model listed here would otherwise read as a typo
+        value = raw[key]
+        core = [m for m in CORE_MODELS if isinstance(value, list) and m in value]
+        if core:
             raise PipelineError(
-                f"{source}: '{key}.layers' first entry must be even (it is split into a user and an item "
-                f"embedding of half that size each), got {params[key]['layers'][0]}"
-            )
+                f"{source}: '{key}' lists {', '.join(map(repr, core))}, which always train (stages "
+                f"{', '.join('train_' + m for m in core)}); '{key}' names only the added models: "
+                f"{', '.join(SPECS[key].choices)}")
+    params = {key: _convert(key, raw[key], source) for key in SPECS}
+    if params["layers"][0] % 2:
+        raise PipelineError(
+            f"{source}: 'layers' first entry must be even (it is split into a user and an item "
+            f"embedding of half that size each), got {params['layers'][0]}"
+        )
+    for name in params["fused"]:
+        needs = [m for m in FUSED_FROM[name] if m not in CORE_MODELS and m not in params["models"]]
+        if needs:
+            raise PipelineError(
+                f"{source}: 'fused' has {name!r}, which starts from the {' and '.join(FUSED_FROM[name])} "
+                f"checkpoints, but 'models' lacks {', '.join(map(repr, needs))}; add it to 'models' or "
+                f"remove {name!r} from 'fused'")
     if params["min_rating"] > 0 and params["dataset"] == "custom" and params["custom_rating"] == "":
         raise PipelineError(f"{source}: 'min_rating' is {params['min_rating']}, but custom_rating is '' "
                             "(the custom table has no rating column); set min_rating to 0")
-    if params["recommend_model"] not in params["models"]:
-        raise PipelineError(f"{source}: 'recommend_model' is {params['recommend_model']!r}, which is not in "
-                            f"'models' ({', '.join(params['models'])}); add it there or pick one of those")
+    if params["recommend_model"] not in trained_models(params):
+        raise PipelineError(f"{source}: 'recommend_model' is {params['recommend_model']!r}, which is not "
+                            f"trained ({', '.join(trained_models(params))}); add it to 'models' or 'fused', "
+                            "or pick one of those")
     candidates = params["test_negatives"] + 1
     if params["topK"] > candidates:
         raise PipelineError(
@@ -241,6 +267,18 @@ def validate(raw: Any, source: str = PARAMS_FILE) -> dict[str, Any]:
             f"(the size of each candidate list), got {params['topK']}"
         )
     return params
+
+
+def trained_models(params: dict[str, Any]) -> list[str]:
+    """Every model the pipeline trains and evaluates, in dvc.yaml's order: itempop, mlp, models, fused."""
+    return [*CORE_MODELS, *params["models"], *params["fused"]]
+
+
+def model_section(params: dict[str, Any], name: str) -> dict[str, Any]:
+    """A model's own knobs: the MLP's top-level keys, another model's section ({} for ItemPop)."""
+    if name == "mlp":
+        return {key: params[key] for key in MLP_KEYS}
+    return params.get(name, {}) if name in MODEL_NAMES else {}
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:

@@ -22,9 +22,9 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from pipeline.common import THREADS, PipelineError, atomic_output, run_stage
+from pipeline.common import PipelineError, atomic_output, configure_torch, run_stage
 from pipeline.data import load_id_maps, load_recent, load_split
-from pipeline.models import EASE, full_scores, load_model
+from pipeline.models import load_model
 from pipeline.params import load_params
 
 log = logging.getLogger("recommend")
@@ -67,11 +67,9 @@ def recommend(prepared: Path, models_dir: Path, name: str, n: int) -> pd.DataFra
     split = load_split(prepared)
     users_map, items_map = load_id_maps(prepared)
     seen = split.all_interactions()
-    model = load_model(name, models_dir / f"{name}.pt", split.train)
-    if isinstance(model, EASE):
-        model = EASE(model.weights, seen)  # recommending: the whole history is known
+    model = load_model(name, models_dir / f"{name}.pt", seen)  # recommending: the whole history is known
     users = np.arange(split.n_users)
-    items, scores = top_n(full_scores(model, split.n_items), users, seen, n)
+    items, scores = top_n(model.score_all, users, seen, n)
     if not np.isfinite(scores).all():
         short = users[~np.isfinite(scores).all(axis=1)]
         raise PipelineError(f"{len(short)} user(s) have fewer than recommend_n = {n} unseen movies "
@@ -132,7 +130,7 @@ def main() -> None:
         parser.error("the stage needs PREPARED_DIR MODELS_DIR OUT_CSV (or use --user ID)")
     prepared, models_dir, out = args.paths
     params = load_params()
-    torch.set_num_threads(THREADS)
+    configure_torch()
     table = recommend(prepared, models_dir, params["recommend_model"], params["recommend_n"])
     with atomic_output(out) as tmp:
         table.to_csv(tmp, index=False, lineterminator="\n")

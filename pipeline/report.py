@@ -3,7 +3,8 @@
     python -m pipeline.report PREPARED_DIR RECOMMENDATIONS_CSV METRICS_DIR REPORT_MD
 
 The report holds the dataset and split sizes, every evaluated model's sampled and full-ranking
-metrics, the charts (training curves per model; test HR@K for K = 1..20), and three example users
+metrics with their 95% intervals, each model's paired difference from the best model and from
+ItemPop (with a p-value and a plain verdict), the charts (training curves per model; test HR@K for K = 1..20), and three example users
 (a light, a typical and a heavy rater) with their recent ratings and recommendations. The charts
 are drawn with matplotlib (no browser or internet needed, unlike `dvc plots show`).
 """
@@ -23,11 +24,11 @@ import pandas as pd  # noqa: E402
 
 from pipeline.common import PipelineError, atomic_output, run_stage, write_text  # noqa: E402
 from pipeline.data import load_id_maps, load_recent, load_split  # noqa: E402
-from pipeline.params import load_params  # noqa: E402
+from pipeline.params import LABELS as NAMES, load_params, trained_models  # noqa: E402
+from pipeline.summary import metrics_table, significance_tables  # noqa: E402
 
 log = logging.getLogger("report")
 
-NAMES = {"itempop": "ItemPop", "mlp": "MLP", "gmf": "GMF", "neumf": "NeuMF", "mf": "MF", "ease": "EASE"}
 COLORS = {name: f"C{i}" for i, name in enumerate(NAMES)}  # one colour per model in every chart
 PNG_META = {"Software": None}  # no version string in the file: the bytes depend on the data only
 
@@ -82,23 +83,6 @@ def hr_chart(curves: dict[str, pd.DataFrame], test_negatives: int, path: Path) -
     save_png(fig, path)
 
 
-def metrics_table(metrics: dict, summaries: dict[str, dict]) -> str:
-    """A Markdown table of every model's sampled and full-ranking metrics."""
-    k = metrics["k"]
-    lines = [f"| model | HR@{k} | NDCG@{k} | MRR | full HR@{k} | full NDCG@{k} | full MRR | validation HR@{k} (epoch) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, m in metrics.items():
-        if name == "k":
-            continue
-        full = m.get("full", {})
-        s = summaries.get(name, {})
-        val = f"{s['val_hr']:.4f} ({s['best_epoch']})" if s else ""
-        cells = [m.get("hr"), m.get("ndcg"), m.get("mrr"), full.get("hr"), full.get("ndcg"), full.get("mrr")]
-        lines.append(f"| {NAMES.get(name, name)} | " + " | ".join("" if c is None else f"{c:.4f}" for c in cells)
-                     + f" | {val} |")
-    return "\n".join(lines)
-
-
 def example_users(activity: np.ndarray) -> list[int]:
     """Three users: the 10th percentile, the median and the 90th percentile of activity (by index)."""
     order = np.argsort(activity, kind="stable")
@@ -130,11 +114,13 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params()
     metrics = _read_json(args.metrics_dir / "test.json")
-    summaries = {m: _read_json(args.metrics_dir / "training" / f"{m}.json") for m in params["models"]}
-    curves = {m: pd.read_csv(args.metrics_dir / "training" / f"{m}.csv") for m in params["models"]}
+    bars = _read_json(args.metrics_dir / "intervals.json")
+    models = trained_models(params)
+    summaries = {m: _read_json(args.metrics_dir / "training" / f"{m}.json") for m in models}
+    curves = {m: pd.read_csv(args.metrics_dir / "training" / f"{m}.csv") for m in models}
     plots = args.metrics_dir / "plots"
     training_chart(curves, params["topK"], plots / "training.png")
-    hr = {m: pd.read_csv(args.metrics_dir / "hr_at_k" / f"{m}.csv") for m in params["models"]}
+    hr = {m: pd.read_csv(args.metrics_dir / "hr_at_k" / f"{m}.csv") for m in models}
     hr_chart(hr, params["test_negatives"], plots / "hr_at_k.png")
     split = load_split(args.prepared_dir)
     users_map, items_map = load_id_maps(args.prepared_dir)
@@ -153,9 +139,18 @@ def main() -> None:
         "",
         "## Models on the test users", "",
         f"Sampled: the held-out item ranked among {params['test_negatives']} sampled unseen items. Full: ranked "
-        "among every item the user has not interacted with in train or validation. Each model's checkpoint was "
-        "chosen on validation HR.", "",
-        metrics_table(metrics, summaries), "",
+        "among every item the user has not interacted with in train or validation. Each model's epoch was "
+        "chosen on validation HR" + (", and the model was then refitted on train + validation, so that it "
+        "scores the test item knowing everything before it." if params["refit"] else " (trained on train only: "
+        "`refit` is off).") + f" Every number is a mean over {bars['users']:,} test users, shown with the half-width "
+        "of its 95% interval (a t interval over users).", "",
+        metrics_table(metrics, bars, summaries), "",
+        "## Which differences are real", "",
+        "Each model against the best model and against ItemPop, on the same users: the mean per-user "
+        f"difference in HR@{params['topK']}, its 95% interval and the paired t-test's p-value. Where the interval "
+        "covers zero the two are indistinguishable at 95% on this test set. (Several comparisons are made at "
+        "once: a p-value just under 0.05 is weak evidence.)", "",
+        *significance_tables(bars), "",
         f"![Training curves]({rel(plots / 'training.png')})", "",
         f"![Test HR@K]({rel(plots / 'hr_at_k.png')})", "",
         f"## Example recommendations ({params['recommend_model']}, top {params['recommend_n']})", "",

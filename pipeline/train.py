@@ -1,11 +1,19 @@
-"""Stage `train@<model>`: train one model of the `models` list and keep its best-validation state.
+"""Stages `train_itempop`, `train_mlp`, `train@<model>` and `fuse@<model>`: train one model.
 
-    python -m pipeline.train MODEL PREPARED_DIR CANDIDATES_DIR MODEL_OUT CURVE_OUT SUMMARY_OUT
+    python -m pipeline.train MODEL PREPARED_DIR CANDIDATES_DIR MODELS_DIR TRAINING_DIR
 
-MODEL is itempop, mlp, gmf, neumf, mf or ease. The neural ones share one loop
-(pipeline.training.fit); ItemPop and EASE are closed-form, so their "curve" is the one row of
-their validation metrics. Every model is saved as a dict of tensors, loadable with
-torch.load(weights_only=True).
+MODEL is any name in pipeline.models.REGISTRY. The model is chosen on validation: a neural model
+trains for its `epochs` on the train interactions and keeps its best-validation epoch; a closed-form
+model (ItemPop, EASE) is fitted on them. With `refit` on, the model that scores the test set is then
+fitted again on train plus validation (a neural model from scratch, with the same seed, for the
+chosen number of epochs), so it sees each user's history up to, never including, the test item.
+
+Writes MODELS_DIR/MODEL.pt (the model for the test set and recommendations), MODELS_DIR/
+MODEL.trainonly.pt (the validation-chosen model, trained on train only), TRAINING_DIR/MODEL.csv
+(the per-epoch curve; one row for a closed-form model) and TRAINING_DIR/MODEL.json (the chosen
+epoch and its validation metrics). A fused model (NeuMF) starts from the checkpoints of the models
+in params.FUSED_FROM, read from MODELS_DIR: the train-only ones for its validated run, the refitted
+ones for its refit. Every checkpoint is a dict of tensors: torch.load(weights_only=True).
 """
 from __future__ import annotations
 
@@ -15,106 +23,98 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import scipy.sparse as sp
 import torch
 
-from pipeline.common import PipelineError, atomic_output, run_stage, write_json, write_text
-from pipeline.data import Candidates, load_candidates, load_split
-from pipeline.models import EASE, GMF, MF, MLP, ItemPop, NeuMF
-from pipeline.params import load_params
-from pipeline.training import THREADS, EpochStats, FitConfig, curve_csv, evaluate_ranking, fit, pick_device
+from pipeline.common import atomic_output, configure_torch, run_stage, write_json, write_text
+from pipeline.data import Candidates, Split, load_candidates, load_split
+from pipeline.models import REGISTRY, load_state
+from pipeline.params import FUSED_FROM, load_params, model_section
+from pipeline.training import EpochStats, FitConfig, curve_csv, evaluate_ranking, fit, fit_and_refit, pick_device
 
 log = logging.getLogger("train")
 
-
-def config(section: dict, seed: int, k: int, pretrain: bool = False) -> FitConfig:
-    """The loop's settings from one model's section of params.yaml."""
-    lr, epochs = (section["pretrain_lr"], section["pretrain_epochs"]) if pretrain else (section["lr"], section["epochs"])
-    return FitConfig(seed, lr, section["weight_decay"], epochs, section["batch_size"], section["negatives"], k)
+TRAIN_ONLY = "trainonly"  # MODEL.trainonly.pt: the validation-chosen model
 
 
-def train_neural(name: str, train: sp.csr_matrix, val: Candidates, params: dict, device: torch.device
-                 ) -> tuple[dict, list[EpochStats], int, dict]:
-    """Build and train one neural model; return (state, curve, best epoch, extra summary)."""
-    n_users, n_items = train.shape
-    section, seed, k = params[name], params["seed"], params["topK"]
-    extra: dict = {}
-
-    def seeded(make):
-        torch.manual_seed(seed)
-        return make()
-
-    if name == "mlp":
-        model = seeded(lambda: MLP(n_users, n_items, section["layers"], section["dropout"]))
-    elif name == "gmf":
-        model = seeded(lambda: GMF(n_users, n_items, section["factors"]))
-    elif name == "mf":
-        model = seeded(lambda: MF(n_users, n_items, section["factors"]))
-    elif section["pretrain"]:  # NCF section 3.4.1: train both branches alone, then fuse them
-        pre = config(section, seed, k, pretrain=True)
-        gmf = seeded(lambda: GMF(n_users, n_items, section["factors"]))
-        gmf_state, gmf_curve, gmf_best = fit(gmf, train, val, pre, device, "neumf/gmf")
-        mlp = seeded(lambda: MLP(n_users, n_items, section["layers"], section["dropout"]))
-        mlp_state, mlp_curve, mlp_best = fit(mlp, train, val, pre, device, "neumf/mlp")
-        gmf.load_state_dict(gmf_state)
-        mlp.load_state_dict(mlp_state)
-        model = NeuMF.from_pretrained(gmf.cpu(), mlp.cpu())
-        extra = {"pretrained": {
-            "gmf": {"best_epoch": gmf_best, "val_hr": round(gmf_curve[gmf_best - 1].val_hr, 6)},
-            "mlp": {"best_epoch": mlp_best, "val_hr": round(mlp_curve[mlp_best - 1].val_hr, 6)}}}
-        torch.manual_seed(seed)
-    else:
-        model = seeded(lambda: NeuMF(n_users, n_items, section["factors"], section["layers"], section["dropout"]))
-    state, curve, best = fit(model, train, val, config(section, seed, k), device, name)
-    return state, curve, best, extra
+def checkpoint_paths(models_dir: Path, name: str) -> tuple[Path, Path]:
+    """(the test-time checkpoint, the train-only one) of model `name`."""
+    return models_dir / f"{name}.pt", models_dir / f"{name}.{TRAIN_ONLY}.pt"
 
 
-def train_closed_form(name: str, train: sp.csr_matrix, val: Candidates, params: dict
-                      ) -> tuple[dict, list[EpochStats], int, dict]:
-    """Fit ItemPop or EASE; its one-row curve holds the validation metrics."""
-    if name == "itempop":
-        counts = np.bincount(train.indices, minlength=train.shape[1]).astype(np.int64)
-        state, model = {"counts": torch.from_numpy(counts)}, ItemPop(counts)
-    else:
-        if train.shape[1] > 30_000:
-            raise PipelineError(f"ease: {train.shape[1]} items; EASE inverts an items x items matrix, "
-                                "which is too large here. Remove ease from 'models' in params.yaml.")
-        weights = EASE.fit(train, params["ease"]["lambda"])
-        state, model = {"weights": weights}, EASE(weights, train)
-    hr, nd = evaluate_ranking(model, val, params["topK"])
-    return state, [EpochStats(1, math.nan, hr, nd)], 1, {}
+def build(name: str, n_users: int, n_items: int, params: dict, models_dir: Path, refitted: bool):
+    """A freshly seeded model `name`: initialised at random, or from its sources' checkpoints if fused."""
+    cls, section = REGISTRY[name], model_section(params, name)
+    torch.manual_seed(params["seed"])
+    if name not in FUSED_FROM:
+        return cls.from_params(n_users, n_items, section)
+    sources = []
+    for source in FUSED_FROM[name]:
+        path = checkpoint_paths(models_dir, source)[0 if refitted else 1]
+        sources.append(REGISTRY[source].from_state(load_state(source, path), sp.csr_matrix((n_users, n_items))))
+    return cls.from_pretrained(*sources, dropout=section["dropout"])
+
+
+def train_neural(name: str, split: Split, val: Candidates, params: dict, device: torch.device,
+                 models_dir: Path) -> tuple[dict, dict, list[EpochStats], int]:
+    """Train a neural model; return (test-time state, train-only state, curve, chosen epoch)."""
+    cfg = FitConfig.from_section(model_section(params, name), params["seed"], params["topK"])
+
+    def make(refitted: bool):
+        return build(name, split.n_users, split.n_items, params, models_dir, refitted)
+
+    if not params["refit"]:
+        state, curve, best = fit(make(False), split.train, val, cfg, device, name)
+        return state, state, curve, best
+    return fit_and_refit(make, split.train, split.train_and_val(), val, cfg, device, name)
+
+
+def train_closed_form(name: str, split: Split, val: Candidates, params: dict
+                      ) -> tuple[dict, dict, list[EpochStats], int]:
+    """Fit a closed-form model; return (test-time state, train-only state, one-row curve, 1)."""
+    cls, section = REGISTRY[name], model_section(params, name)
+    state = cls.fit(split.train, section)
+    hr, nd = evaluate_ranking(cls.from_state(state, split.train), val, params["topK"])
+    test_state = cls.fit(split.train_and_val(), section) if params["refit"] else state
+    return test_state, state, [EpochStats(1, math.nan, hr, nd)], 1
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    with atomic_output(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(state, fh)  # a file object: torch names the archive after a path, not the bytes
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Train one model.")
-    parser.add_argument("model", choices=["itempop", "mlp", "gmf", "neumf", "mf", "ease"])
+    parser.add_argument("model", choices=sorted(REGISTRY))
     parser.add_argument("prepared_dir", type=Path)
     parser.add_argument("candidates_dir", type=Path)
-    parser.add_argument("model_out", type=Path, help="best-validation state (.pt, tensors only)")
-    parser.add_argument("curve_out", type=Path, help="per-epoch training curve (.csv)")
-    parser.add_argument("summary_out", type=Path, help="best epoch and its validation metrics (.json)")
+    parser.add_argument("models_dir", type=Path, help="writes MODEL.pt and MODEL.trainonly.pt here")
+    parser.add_argument("training_dir", type=Path, help="writes MODEL.csv (curve) and MODEL.json (summary) here")
     args = parser.parse_args()
     params = load_params()
-    torch.set_num_threads(THREADS)
+    name = args.model
+    configure_torch()
     split = load_split(args.prepared_dir)
     val = load_candidates(args.candidates_dir / "val.npz")
     start = time.perf_counter()
-    if args.model in ("itempop", "ease"):
-        state, curve, best, extra = train_closed_form(args.model, split.train, val, params)
-    else:
+    if REGISTRY[name].neural:
         device = pick_device(params["device"])
-        log.info("training %s on %s", args.model, device)
-        state, curve, best, extra = train_neural(args.model, split.train, val, params, device)
+        log.info("training %s on %s", name, device)
+        state, train_only, curve, best = train_neural(name, split, val, params, device, args.models_dir)
+    else:
+        state, train_only, curve, best = train_closed_form(name, split, val, params)
     seconds = time.perf_counter() - start
     row = curve[best - 1]
-    with atomic_output(args.model_out) as tmp, open(tmp, "wb") as fh:
-        torch.save(state, fh)  # a file object: torch names the archive after a path, not the bytes
-    write_text(args.curve_out, curve_csv(curve))
-    write_json(args.summary_out, {"best_epoch": best, "val_hr": round(row.val_hr, 6),
-                                  "val_ndcg": round(row.val_ndcg, 6), **extra})
-    log.info("%s: best epoch %d of %d: val HR@%d %.4f, NDCG %.4f; trained in %.1f s",
-             args.model, best, len(curve), params["topK"], row.val_hr, row.val_ndcg, seconds)
+    test_path, train_only_path = checkpoint_paths(args.models_dir, name)
+    save_checkpoint(train_only_path, train_only)
+    save_checkpoint(test_path, state)
+    write_text(args.training_dir / f"{name}.csv", curve_csv(curve))
+    write_json(args.training_dir / f"{name}.json", {"best_epoch": best, "val_hr": round(row.val_hr, 6),
+                                                     "val_ndcg": round(row.val_ndcg, 6), "refit": params["refit"]})
+    log.info("%s: best epoch %d of %d: val HR@%d %.4f, NDCG %.4f%s; %.1f s", name, best, len(curve),
+             params["topK"], row.val_hr, row.val_ndcg, "; refitted on train + validation" if params["refit"] else "",
+             seconds)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,143 @@
+"""The default run's speed targets, measured as a new user meets them.
+
+    MOVIELENS_MIRROR=../shared/data python benchmarks/speed.py      # from the repository root, venv on PATH
+    python benchmarks/speed.py --json benchmarks/speed.json
+
+In a fresh copy of the working tree (tracked and untracked files, committed into a new git
+repository, no DVC cache), it times:
+  1. `dvc repro` with the committed params, download from the mirror included (target: 50 s);
+  2. `dvc exp run -S lr=0.01` right after it (target: 25 s);
+  3. in a second fresh copy, each stage alone (`dvc repro -s <stage>`, in pipeline order), and the
+     import time of each stage's module (`python -X importtime`, the start-up that every stage pays).
+The thread check: the MLP trained with 1 and with 2 torch threads, and whether the bits are equal.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TARGETS = {"repro_s": 50.0, "exp_run_s": 25.0}
+
+
+def fresh_copy(dest: Path) -> Path:
+    """Copy the working tree's tracked and untracked (not ignored) files into a new git repository."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
+                           capture_output=True, text=True).stdout.split("\0")
+    for name in filter(None, files):
+        src = REPO / name
+        if src.is_file() and not name.startswith(("data/", "benchmarks/")):
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    for name in ("data/.gitignore", "data/models/.gitignore"):
+        if (REPO / name).exists():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    run("git init -q -b main && git add -A && git commit -q -m copy", dest)
+    return dest
+
+
+def run(cmd: str, cwd: Path) -> tuple[float, str]:
+    """Run a shell command; return (wall seconds, output); fail loudly if it fails."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@example.com",
+           "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@example.com"}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, shell=True, cwd=cwd, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode:
+        raise SystemExit(f"`{cmd}` failed:\n{proc.stdout}{proc.stderr}")
+    return seconds, proc.stdout + proc.stderr
+
+
+def stage_names(root: Path) -> list[str]:
+    """Every stage of the pipeline, in dvc.yaml's order (which is an order `dvc repro` may run them in)."""
+    _, out = run("dvc stage list --name-only", root)
+    return out.split()
+
+
+def import_seconds(module: str) -> float:
+    """Cumulative import time of pipeline.<module>, from `python -X importtime` (best of 3)."""
+    best = float("inf")
+    for _ in range(3):
+        err = subprocess.run([sys.executable, "-X", "importtime", "-c", f"import pipeline.{module}"], cwd=REPO,
+                             capture_output=True, text=True).stderr
+        line = [ln for ln in err.splitlines() if ln.rstrip().endswith(f"pipeline.{module}")][-1]
+        best = min(best, int(line.split("|")[1]) / 1e6)
+    return best
+
+
+def thread_check() -> dict:
+    """Train the committed MLP for 2 epochs with 1 and with 2 threads (in-process, generated data)."""
+    code = (
+        "import sys, hashlib, torch, numpy as np, scipy.sparse as sp\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "from pipeline.common import configure_torch\n"
+        "from pipeline.models import MLP\n"
+        "from pipeline.params import load_params, model_section\n"
+        "from pipeline.training import FitConfig, fit\n"
+        "configure_torch(); torch.set_num_threads(int(sys.argv[1]))\n"
+        "rng = np.random.default_rng(0)\n"
+        "train = sp.random(943, 1682, density=0.06, format='csr', random_state=0, dtype=np.float32)\n"
+        "train.data[:] = 1\n"
+        f"params = load_params({str(REPO / 'params.yaml')!r}); section = model_section(params, 'mlp')\n"
+        "cfg = FitConfig.from_section(section, 42, 10); cfg.epochs = 2\n"
+        "torch.manual_seed(42); model = MLP.from_params(943, 1682, section)\n"
+        "import time; t = time.perf_counter(); state, _, _ = fit(model, train, None, cfg); t = time.perf_counter() - t\n"
+        "print(hashlib.sha256(b''.join(v.numpy().tobytes() for v in state.values())).hexdigest(), t)\n"
+    )
+    out = {}
+    for threads in (1, 2):
+        digest, seconds = subprocess.run([sys.executable, "-c", code, str(threads)], capture_output=True, text=True,
+                                         check=True).stdout.split()
+        out[threads] = {"sha256": digest[:16], "seconds": round(float(seconds), 2)}
+    return {"threads_1": out[1], "threads_2": out[2], "identical": out[1]["sha256"] == out[2]["sha256"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, default=REPO / "benchmarks/speed.json")
+    parser.add_argument("--skip-stages", action="store_true", help="only the two targets")
+    args = parser.parse_args()
+    if not os.environ.get("MOVIELENS_MIRROR"):
+        print("note: MOVIELENS_MIRROR is not set: the download goes to GroupLens", file=sys.stderr)
+    result: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"}
+    with tempfile.TemporaryDirectory(prefix="speed-") as scratch:
+        root = fresh_copy(Path(scratch) / "a")
+        result["repro_s"], _ = run("dvc repro", root)
+        print(f"dvc repro (clean, download included): {result['repro_s']:.1f} s", file=sys.stderr)
+        result["exp_run_s"], out = run("dvc exp run -S lr=0.01", root)
+        result["exp_run_stages"] = re.findall(r"Running stage '([\w@-]+)'", out)
+        print(f"dvc exp run -S lr=0.01: {result['exp_run_s']:.1f} s ({', '.join(result['exp_run_stages'])})",
+              file=sys.stderr)
+        if not args.skip_stages:
+            root = fresh_copy(Path(scratch) / "b")
+            result["stages"] = []
+            for stage in stage_names(root):
+                seconds, _ = run(f"dvc repro -s '{stage}'", root)
+                module = "train" if stage.startswith(("train", "fuse")) else stage
+                result["stages"].append({"stage": stage, "seconds": round(seconds, 2),
+                                         "import_s": round(import_seconds(module), 2)})
+                print(f"  {stage}: {seconds:.1f} s", file=sys.stderr)
+    if not args.skip_stages:
+        result["threads"] = thread_check()
+    result["targets"] = {key: {"target_s": target, "measured_s": round(result[key], 1), "met": result[key] <= target}
+                         for key, target in TARGETS.items()}
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["targets"], indent=2))
+    for row in result.get("stages", []):
+        print(f"| {row['stage']} | {row['seconds']:.1f} | {row['import_s']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Is this experiment better than that one? Paired differences per model, with 95% intervals.
+
+    python -m pipeline.compare main lr01          # a branch and a DVC experiment (any two git revisions)
+    python -m pipeline.compare main               # main against the workspace
+    python -m pipeline.compare main s1,s2,s3      # a side of several runs (e.g. seeds), pooled per user
+
+Each side's per-user ranks (data/ranks.npz, a cached output of `evaluate`) are read through DVC
+(`dvc.api.open`: from the local cache, or the default remote), never by checking out a tree. For
+every model present on both sides it prints HR@K and NDCG@K of each side, their difference B - A
+(the mean of per-user differences, pooled over the runs of a side), its 95% interval and the
+paired t-test's p-value, and a verdict. Both sides must score the same test users against the same
+candidates (same dataset, `candidate_seed` and `test_negatives`): otherwise it refuses in one line.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.common import PipelineError, run_stage
+from pipeline.stats import paired, per_user, verdict
+from pipeline.summary import PROTOCOL_NAMES, label
+
+log = logging.getLogger("compare")
+
+RANKS = "data/ranks.npz"
+WORKSPACE = "workspace"
+
+
+@dataclass
+class Run:
+    """One run's evaluation: who was tested on what, and every model's per-user ranks."""
+
+    name: str
+    users: np.ndarray
+    test_set: str
+    dataset: str
+    k: int
+    ranks: dict[str, dict[str, np.ndarray]]  # model -> protocol -> ranks
+
+
+def parse_ranks(name: str, data: bytes | Path) -> Run:
+    """Read a ranks file written by `evaluate` (bytes from DVC, or a path in the workspace)."""
+    try:
+        with np.load(io.BytesIO(data) if isinstance(data, bytes) else data, allow_pickle=False) as z:
+            models = [str(m) for m in z["models"]]
+            return Run(name, z["users"], str(z["test_set"]), str(z["dataset"]), int(z["k"]),
+                       {m: {p: z[f"{m}/{p}"] for p in PROTOCOL_NAMES} for m in models})
+    except (OSError, KeyError, ValueError) as err:
+        raise PipelineError(f"{name}: {RANKS} is not a ranks file of this pipeline ({err}); run `dvc repro` "
+                            "there") from None
+
+
+def read_run(rev: str | None, repo: str | None = None) -> Run:
+    """The ranks of one revision (a git revision or DVC experiment name), or of the workspace for None."""
+    if rev is None:
+        path = Path(repo or ".") / RANKS
+        if not path.exists():
+            raise PipelineError(f"{path}: not found in the workspace; run `dvc repro` first")
+        return parse_ranks(WORKSPACE, path)
+    import dvc.api  # here: about 0.5 s to import, needed only for revisions
+    from dvc.exceptions import DvcException
+    from dvc.scm import RevError
+
+    try:
+        data = dvc.api.read(RANKS, repo=repo, rev=rev, mode="rb")
+    except RevError:
+        raise PipelineError(f"{rev!r}: no such git revision or DVC experiment") from None
+    except (FileNotFoundError, DvcException) as err:
+        raise PipelineError(f"{rev}: cannot read {RANKS} ({type(err).__name__}: {err}); was `evaluate` run "
+                            "there, and is its output in the DVC cache or remote (`dvc pull`)?") from None
+    return parse_ranks(rev, data)
+
+
+def check_comparable(runs: list[Run]) -> None:
+    """Refuse runs whose test users or candidate lists differ: they cannot be compared user by user."""
+    first = runs[0]
+    for run in runs[1:]:
+        if run.dataset != first.dataset:
+            raise PipelineError(f"cannot compare: {first.name} is dataset {first.dataset!r}, {run.name} is "
+                                f"{run.dataset!r}")
+        if run.k != first.k:
+            raise PipelineError(f"cannot compare: {first.name} has topK {first.k}, {run.name} has {run.k}")
+        if run.test_set != first.test_set or not np.array_equal(run.users, first.users):
+            raise PipelineError(f"cannot compare: {first.name} and {run.name} rank different test users or "
+                                "candidate lists (another `candidate_seed`, `test_negatives`, split or data)")
+
+
+def pooled(side: list[Run], model: str, protocol: str, k: int) -> dict[str, np.ndarray]:
+    """Per-user HR, NDCG and MRR of a model, averaged over the runs of a side."""
+    values = [per_user(run.ranks[model][protocol], k) for run in side]
+    return {metric: np.mean([v[metric] for v in values], axis=0) for metric in values[0]}
+
+
+def compare(a: list[Run], b: list[Run]) -> tuple[list[str], list[dict]]:
+    """Return (the models on both sides, one row per protocol, model and metric: A, B, the difference)."""
+    check_comparable(a + b)
+    k = a[0].k
+    models = [m for m in a[0].ranks if all(m in run.ranks for run in a + b)]
+    rows = []
+    for protocol in PROTOCOL_NAMES:
+        for model in models:
+            va, vb = pooled(a, model, protocol, k), pooled(b, model, protocol, k)
+            for metric in ("hr", "ndcg"):
+                diff = paired(vb[metric], va[metric])
+                rows.append({"protocol": protocol, "model": model, "metric": metric, "a": float(va[metric].mean()),
+                             "b": float(vb[metric].mean()), "diff": diff, "verdict": verdict(diff)})
+    return models, rows
+
+
+def side_name(side: list[Run]) -> str:
+    return side[0].name if len(side) == 1 else f"{','.join(r.name for r in side)} (pooled)"
+
+
+def render(a: list[Run], b: list[Run], rows: list[dict]) -> str:
+    """The comparison as text, at most 100 columns."""
+    k = a[0].k
+    metric_names = {"hr": f"HR@{k}", "ndcg": f"NDCG@{k}"}
+    out = [f"A = {side_name(a)}", f"B = {side_name(b)}",
+           f"{len(a[0].users):,} test users ({a[0].dataset}); B - A is the mean per-user difference, with its 95% "
+           "interval", "and the paired t-test's p-value.", ""]
+    for protocol, title in PROTOCOL_NAMES.items():
+        out += [title, f"{'model':<8} {'metric':<8} {'A':>6} {'B':>6}  {'B - A [95%]':<26} {'p':>7}  verdict"]
+        for row in (r for r in rows if r["protocol"] == protocol):
+            d = row["diff"]
+            cell = f"{d.mean:+.4f} [{d.lo:+.4f}, {d.hi:+.4f}]"
+            out.append(f"{label(row['model']):<8} {metric_names[row['metric']]:<8} {row['a']:6.4f} {row['b']:6.4f}  "
+                       f"{cell:<26} {d.p:7.2g}  {row['verdict'].replace('higher', 'B higher').replace('lower', 'B lower')}")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def parse_side(text: str | None) -> list[str | None]:
+    if text is None:
+        return [None]
+    revs = [part.strip() for part in text.split(",")]
+    if not all(revs):
+        raise PipelineError(f"{text!r}: an empty revision in the list")
+    return [None if rev == WORKSPACE else rev for rev in revs]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Compare two runs (git revisions or DVC experiments), per model.")
+    parser.add_argument("a", nargs="?", default="HEAD", help="a revision, or several joined by commas (default HEAD)")
+    parser.add_argument("b", nargs="?", help="likewise (default: the workspace)")
+    parser.add_argument("--repo", help="the DVC repository (default: the current one)")
+    args = parser.parse_args()
+    a = [read_run(rev, args.repo) for rev in parse_side(args.a)]
+    b = [read_run(rev, args.repo) for rev in parse_side(args.b)]
+    models, rows = compare(a, b)
+    if not models:
+        raise PipelineError("no model is evaluated on both sides")
+    sys.stdout.write(render(a, b, rows))
+
+
+if __name__ == "__main__":
+    run_stage(main)

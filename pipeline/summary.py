@@ -1,0 +1,106 @@
+"""The results as a person reads them: tables of every model's metrics with 95% intervals.
+
+    python -m pipeline.summary [METRICS_DIR]     # after dvc repro: one row per model, 100 columns
+
+Reads METRICS_DIR/test.json (the point values, DVC's metrics) and METRICS_DIR/intervals.json (their
+95% intervals and the paired differences, written by `evaluate`). The report stage uses the same
+tables in Markdown.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipeline.common import PipelineError, run_stage
+from pipeline.params import LABELS
+
+PROTOCOL_NAMES = {"sampled": "sampled candidates", "full": "full ranking"}
+
+
+def label(name: str) -> str:
+    return LABELS.get(name, name)
+
+
+def pm(entry: dict | None, digits: int = 3) -> str:
+    """'0.641 ± 0.031' for {'mean', 'lo', 'hi'}; '' when missing."""
+    if not entry:
+        return ""
+    return f"{entry['mean']:.{digits}f} ± {(entry['hi'] - entry['lo']) / 2:.{digits}f}"
+
+
+def diff_cell(entry: dict | None) -> str:
+    """'+0.012 [-0.015, +0.039], p 0.38' for a paired difference; '' when missing."""
+    if not entry:
+        return ""
+    return f"{entry['mean']:+.3f} [{entry['lo']:+.3f}, {entry['hi']:+.3f}], p {entry['p']:.2g}"
+
+
+def metrics_table(metrics: dict, bars: dict, summaries: dict[str, dict] | None = None) -> str:
+    """A Markdown table: every model's sampled and full metrics (± 95% half-width), validation HR."""
+    k = metrics["k"]
+    lines = [f"| model | HR@{k} | NDCG@{k} | MRR | full HR@{k} | full NDCG@{k} | full MRR | validation HR@{k} (epoch) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in (m for m in metrics if m != "k"):
+        entry = bars["models"].get(name, {})
+        s = (summaries or {}).get(name)
+        val = f"{s['val_hr']:.4f} ({s['best_epoch']})" if s else ""
+        cells = [pm(entry.get(p, {}).get(metric)) for p in ("sampled", "full") for metric in ("hr", "ndcg", "mrr")]
+        lines.append(f"| {label(name)} | " + " | ".join(cells) + f" | {val} |")
+    return "\n".join(lines)
+
+
+def significance_tables(bars: dict) -> list[str]:
+    """Markdown: per protocol, each model's paired HR@k difference from the best model and from ItemPop."""
+    k, out = bars["k"], []
+    for protocol, title in PROTOCOL_NAMES.items():
+        best = bars["best"][protocol]
+        out += [f"**{title.capitalize()}** (best by HR@{k}: {label(best)})", "",
+                f"| model | HR@{k} − {label(best)} [95%], p | verdict | HR@{k} − ItemPop [95%], p | verdict |",
+                "|---|---|---|---|---|"]
+        for name, entry in bars["models"].items():
+            cells = []
+            for key in ("vs_best", "vs_itempop"):
+                diff = entry[protocol].get(key, {}).get("hr")
+                cells += [diff_cell(diff), diff["verdict"] if diff else "(itself)"]
+            out.append(f"| {label(name)} | " + " | ".join(cells) + " |")
+        out.append("")
+    return out
+
+
+def terminal_table(metrics: dict, bars: dict) -> str:
+    """Plain text, at most 100 columns: a row per model, sampled and full HR@k and NDCG@k ± 95%."""
+    k = metrics["k"]
+    head = [f"HR@{k}", f"NDCG@{k}", f"full HR@{k}", f"full NDCG@{k}"]
+    rows = [["model", *head]]
+    for name in (m for m in metrics if m != "k"):
+        entry = bars["models"].get(name, {})
+        rows.append([label(name)] + [pm(entry.get(p, {}).get(metric)) for p in ("sampled", "full")
+                                     for metric in ("hr", "ndcg")])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    best = ", ".join(f"{label(bars['best'][p])} ({PROTOCOL_NAMES[p]})" for p in PROTOCOL_NAMES)
+    lines += ["", f"{bars['users']:,} test users; ± is the half-width of the 95% interval.", f"Best by HR@{k}: {best}.",
+              "Which differences are real: metrics/report.md. Against another run: python -m pipeline.compare."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Print the results table.")
+    parser.add_argument("metrics_dir", type=Path, nargs="?", default=Path("metrics"))
+    args = parser.parse_args()
+    loaded = []
+    for name in ("test.json", "intervals.json"):
+        path = args.metrics_dir / name
+        try:
+            loaded.append(json.loads(path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise PipelineError(f"{path}: not found; run `dvc repro` first") from None
+    sys.stdout.write(terminal_table(*loaded) + "\n")
+
+
+if __name__ == "__main__":
+    run_stage(main)
