@@ -124,7 +124,7 @@ def main() -> None:
             root = fresh_copy(Path(scratch) / "b")
             result["stages"] = []
             for stage in stage_names(root):
-                seconds, _ = run(f"dvc repro -s '{stage}'", root)
+                seconds, _ = run(f"dvc repro -f -s '{stage}'", root)
                 module = "train" if stage.startswith(("train", "fuse")) else stage
                 result["stages"].append({"stage": stage, "seconds": round(seconds, 2),
                                          "import_s": round(import_seconds(module), 2)})

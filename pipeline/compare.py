@@ -108,8 +108,10 @@ def compare(a: list[Run], b: list[Run]) -> tuple[list[str], list[dict]]:
             va, vb = pooled(a, model, protocol, k), pooled(b, model, protocol, k)
             for metric in ("hr", "ndcg"):
                 diff = paired(vb[metric], va[metric])
+                same = np.array_equal(vb[metric], va[metric])
                 rows.append({"protocol": protocol, "model": model, "metric": metric, "a": float(va[metric].mean()),
-                             "b": float(vb[metric].mean()), "diff": diff, "verdict": verdict(diff)})
+                             "b": float(vb[metric].mean()), "diff": diff,
+                             "verdict": "the same for every user" if same else verdict(diff)})
     return models, rows
 
 

@@ -134,6 +134,8 @@ class PairScorer(nn.Module):
 
 
 def _article(word: str) -> str:
+    if word.startswith("Neu"):  # said as a word ("new"), not spelt out: "a NeuMF"
+        return "a"
     return "an" if word[0] in "AEFHILMNORSX" else "a"  # by the letter's sound: "an MLP", "a GMF"
 
 

@@ -1,7 +1,8 @@
 """Stage `sample_negatives`: fixed ranking candidates for validation and test.
 
 For every evaluated user, `test_negatives` distinct items the user never interacted with (in train,
-validation or test), drawn once for validation and once for test from generators seeded by `seed`.
+validation or test), drawn once for validation and once for test from generators seeded by
+`candidate_seed` (not `seed`, which seeds training: runs of other training seeds share candidates).
 Every model is scored on exactly these candidates, so metrics compare like with like.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pipeline.sampling import ComplementSampler, TooFewItemsError
 
 log = logging.getLogger("sample_negatives")
 
-VAL_STREAM, TEST_STREAM = 0, 1  # independent random streams derived from `seed`
+VAL_STREAM, TEST_STREAM = 0, 1  # independent random streams derived from `candidate_seed`
 
 
 def candidates(sampler: ComplementSampler, users: np.ndarray, heldout: np.ndarray,
@@ -35,7 +36,7 @@ def main() -> None:
     parser.add_argument("out_dir", type=Path, help="directory to write val.npz and test.npz into")
     args = parser.parse_args()
     params = load_params()
-    seed, k = params["seed"], params["test_negatives"]
+    seed, k = params["candidate_seed"], params["test_negatives"]
     split = load_split(args.prepared_dir)
     sampler = ComplementSampler(split.all_interactions())
     try:

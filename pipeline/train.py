@@ -112,9 +112,9 @@ def main() -> None:
     write_text(args.training_dir / f"{name}.csv", curve_csv(curve))
     write_json(args.training_dir / f"{name}.json", {"best_epoch": best, "val_hr": round(row.val_hr, 6),
                                                      "val_ndcg": round(row.val_ndcg, 6), "refit": params["refit"]})
-    log.info("%s: best epoch %d of %d: val HR@%d %.4f, NDCG %.4f%s; %.1f s", name, best, len(curve),
-             params["topK"], row.val_hr, row.val_ndcg, "; refitted on train + validation" if params["refit"] else "",
-             seconds)
+    chosen = f"best epoch {best} of {len(curve)}" if REGISTRY[name].neural else "closed form"
+    log.info("%s: %s: val HR@%d %.4f, NDCG %.4f%s; %.1f s", name, chosen, params["topK"], row.val_hr, row.val_ndcg,
+             "; refitted on train + validation" if params["refit"] else "", seconds)
 
 
 if __name__ == "__main__":

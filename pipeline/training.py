@@ -35,7 +35,7 @@ from pipeline.metrics import heldout_rank, hit_ratio, ndcg
 
 log = logging.getLogger("training")
 
-NEGATIVE_STREAM, ORDER_STREAM, DROPOUT_STREAM = 2, 3, 4  # random streams of `seed` (0, 1: the candidates')
+NEGATIVE_STREAM, ORDER_STREAM, DROPOUT_STREAM, SHUFFLE_STREAM = 2, 3, 4, 5  # random streams of `seed`
 CHUNK_PAIRS = 1 << 21  # training pairs built at a time: about 40 MB, whatever the data's size
 
 
@@ -134,8 +134,8 @@ def positives(train: sp.csr_matrix, device: torch.device) -> tuple[torch.Tensor,
 
 
 def epoch_chunks(pos_users: torch.Tensor, pos_items: torch.Tensor, sampler: NegativeSampler, negatives: int,
-                 chunk_pairs: int, order_gen: torch.Generator, negative_gen: torch.Generator
-                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+                 chunk_pairs: int, order_gen: torch.Generator, negative_gen: torch.Generator,
+                 shuffle_gen: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield one epoch as shuffled (users, items, labels) chunks of at most max(chunk_pairs, 1 + negatives) pairs.
 
     The positives are visited in one random order; each chunk takes the next positives, draws their
@@ -152,7 +152,7 @@ def epoch_chunks(pos_users: torch.Tensor, pos_items: torch.Tensor, sampler: Nega
         all_items = torch.cat([items, negative_items.reshape(-1)])
         labels = torch.zeros(len(all_users), dtype=torch.float32, device=device)
         labels[:len(users)] = 1.0
-        shuffle = torch.randperm(len(all_users), generator=order_gen, device=device)
+        shuffle = torch.randperm(len(all_users), generator=shuffle_gen or order_gen, device=device)
         yield all_users[shuffle], all_items[shuffle], labels[shuffle]
 
 
@@ -178,6 +178,7 @@ def fit(model: torch.nn.Module, train: sp.csr_matrix, val: Candidates | None, cf
     two calls may run at once in two threads and give the same bits as one after the other.
     """
     order_gen = seeded_generator(cfg.seed, ORDER_STREAM, device)
+    shuffle_gen = seeded_generator(cfg.seed, SHUFFLE_STREAM, device)  # apart: epochs' pairs don't depend on chunks
     negative_gen = seeded_generator(cfg.seed, NEGATIVE_STREAM, device)
     model.to(device)
     for module in model.modules():
@@ -196,7 +197,7 @@ def fit(model: torch.nn.Module, train: sp.csr_matrix, val: Candidates | None, cf
         model.train()
         total = torch.zeros((), dtype=torch.float64, device=device)
         for users, items, labels in epoch_chunks(pos_users, pos_items, sampler, cfg.negatives, cfg.chunk_pairs,
-                                                 order_gen, negative_gen):
+                                                 order_gen, negative_gen, shuffle_gen):
             for lo in range(0, len(labels), batch):
                 y = labels[lo:lo + batch]
                 loss = loss_fn(model(users[lo:lo + batch], items[lo:lo + batch]), y)
@@ -287,7 +288,9 @@ def fit_and_refit(make_model: Callable[[bool], torch.nn.Module], train: sp.csr_m
     """Choose the epoch on validation, and refit on `refit_on` for that many epochs, side by side.
 
     `make_model(refit)` builds a fresh, seeded model. The refit is a second `fit` with the same seed
-    and no validation, running at the same time (in a forked process on the CPU, a thread on a GPU):
+    and no validation, running at the same time (in a forked process on the CPU with one intra-op
+    thread, as in the stages; otherwise a thread, since a child forked after torch's OpenMP pool has
+    run with more threads hangs in its first parallel operation):
     its state after epoch e equals a refit stopped at e, so the state after the chosen epoch is kept.
     On two cores the pair takes the time of one run; each uses one thread, so the bits do not depend
     on the core count or on which of the two is ahead.
@@ -295,7 +298,7 @@ def fit_and_refit(make_model: Callable[[bool], torch.nn.Module], train: sp.csr_m
     """
     models = make_model(False), make_model(True)  # built one after the other: the seed's draws are fixed
     args = (models[1], refit_on, cfg, device, f"{name} (refit)")
-    if device.type == "cpu" and "fork" in mp.get_all_start_methods():
+    if device.type == "cpu" and torch.get_num_threads() == 1 and "fork" in mp.get_all_start_methods():
         here, there = mp.get_context("fork").Pipe()
         worker = mp.get_context("fork").Process(target=_forked_refit, args=(there, *args), daemon=True)
         tell, receive = here.send, here.recv

@@ -41,20 +41,28 @@ def write_movielens_zip(directory: Path, n_users: int = 60, n_items: int = 120, 
     return path
 
 
-REMOVE = object()  # set_params(root, **{"mlp.lr": REMOVE}) deletes the key
+REMOVE = object()  # set_params(root, **{"gmf.lr": REMOVE}) deletes the key
+
+ADDED_MODELS = ("gmf", "mf", "ease")  # params.ADDED_MODELS: `models` lists these
+FUSED_MODELS = ("neumf",)  # params.FUSED_MODELS: `fused` lists these
+CORE_MODELS = ("itempop", "mlp")  # always trained
 
 
 def set_params(root: Path, **changes) -> None:
     """Change keys of root/params.yaml, keeping the others.
 
-    A plain key replaces a top-level value (`models=[...]`, or a whole section `mlp={...}`); a
-    dotted key changes one field of a model's section and keeps its other fields, as DVC's
-    `-S mlp.lr=0.01` does: `set_params(root, **{"mlp.lr": 0.01})`. The value REMOVE deletes the key.
+    A plain key replaces a top-level value (`lr=0.01`, `models=[...]`, or a whole section
+    `gmf={...}`); a dotted key changes one field of a model's section and keeps its other fields,
+    as DVC's `-S gmf.lr=0.01` does: `set_params(root, **{"gmf.lr": 0.01})`. The value REMOVE
+    deletes the key. The MLP has no section (its knobs are top-level keys), so "mlp.<key>", as
+    older tests wrote it, changes the top-level key: {"mlp.epochs": 3} is {"epochs": 3}.
     """
     path = root / "params.yaml"
     params = yaml.safe_load(path.read_text())
     for key, value in changes.items():
         *sections, last = key.split(".")
+        if sections == ["mlp"]:
+            sections = []
         target = params
         for name in sections:
             if not isinstance(target.get(name), dict):
@@ -67,17 +75,27 @@ def set_params(root: Path, **changes) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def set_models(root: Path, models: list[str]) -> None:
-    """Set `models`; keep any key that must name one of them (recommend_model) valid."""
+def set_models(root: Path, models: list[str], fused: list[str] | None = None) -> None:
+    """Choose the trained models; keep recommend_model valid (one of the trained models).
+
+    `models` may list any model names (the old form, every model to train): itempop and mlp always
+    train and are dropped, gmf/mf/ease go to `models`, neumf to `fused`, unless `fused` is given.
+    """
     params = yaml.safe_load((root / "params.yaml").read_text())
-    changes: dict = {"models": list(models)}
-    if "recommend_model" in params and params["recommend_model"] not in models:
-        changes["recommend_model"] = models[-1]
+    unknown = [m for m in [*models, *(fused or [])] if m not in (*CORE_MODELS, *ADDED_MODELS, *FUSED_MODELS)]
+    assert not unknown, f"set_models: unknown model(s) {unknown}"
+    added = [m for m in models if m in ADDED_MODELS]
+    if fused is None:
+        fused = [m for m in models if m in FUSED_MODELS]
+    changes: dict = {"models": added, "fused": list(fused)}
+    trained = [*CORE_MODELS, *added, *fused]
+    if "recommend_model" in params and params["recommend_model"] not in trained:
+        changes["recommend_model"] = trained[-1]
     set_params(root, **changes)
 
 
 def set_param(root: Path, key: str, value) -> None:
-    """Change one key, dotted for a section's field: set_param(root, "mlp.lr", 0.01)."""
+    """Change one key, dotted for a section's field: set_param(root, "gmf.lr", 0.01)."""
     set_params(root, **{key: value})
 
 

@@ -21,19 +21,27 @@ from pipeline.params import SPECS
 
 STAGE_ARGS = {
     "sample_negatives": ["data/prepared", "data/candidates"],
-    "train": ["mlp", "data/prepared", "data/candidates", "data/models/mlp.pt", "metrics/training/mlp.csv",
-              "metrics/training/mlp.json"],
-    "evaluate": ["data/prepared", "data/candidates", "data/models", "metrics/test.json", "metrics/hr_at_k"],
+    "train": ["mlp", "data/prepared", "data/candidates", "data/models", "metrics/training"],
+    "evaluate": ["data/prepared", "data/candidates", "data/models", "metrics/test.json", "metrics/intervals.json",
+                 "metrics/hr_at_k", "data/ranks.npz"],
 }
 
 
 def run_in_process(module: str, args: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, str]:
-    """Run pipeline.<module> as `python -m` would, in this process; return (exit code, stderr)."""
+    """Run pipeline.<module> as `python -m` would, in this process; return (exit code, stderr).
+
+    The stage's configure_torch() changes process-wide state (one thread; subnormal floats flushed to
+    zero, which breaks float arithmetic in later tests, e.g. hypothesis's): it is undone afterwards."""
     from pipeline.common import run_stage
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(sys, "argv", [module, *args])
-    with pytest.raises(SystemExit) as stop:
-        run_stage(importlib.import_module(f"pipeline.{module}").main)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit) as stop:
+            run_stage(importlib.import_module(f"pipeline.{module}").main)
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(threads)
     return stop.value.code, capsys.readouterr().err
 
 
@@ -90,7 +98,8 @@ def test_duplicates_and_short_users_are_logged_and_handled(workdir: Path) -> Non
 WRONG_TYPE = {"int": "many", "float": "fast", "int_list": "wide", "choice": 3, "choice_list": 3, "bool": "maybe",
               "str": 5, "column": 1.5, "section": "fast"}
 
-# Every value a user sets: the flat keys, and each field of each model's section as 'section.field'.
+# Every value a user sets: the top-level keys (the MLP's among them), and each field of each model's
+# section as 'section.field'.
 PARAM_SPECS = {key: spec for key, spec in SPECS.items() if spec.kind != "section"}
 PARAM_SPECS.update({f"{key}.{name}": field for key, spec in SPECS.items() if spec.kind == "section"
                     for name, field in spec.fields.items()})
@@ -108,9 +117,11 @@ def out_of_range(spec):
 
 
 def test_every_section_field_is_covered() -> None:
-    assert {"mlp.lr", "mlp.layers", "mlp.negatives", "neumf.pretrain_lr", "ease.lambda"} <= set(PARAM_SPECS)
-    assert SECTIONS == ["ease", "gmf", "itempop", "mf", "mlp", "neumf"]
-    assert not {"lr", "layers", "epochs", "batch_size", "negatives", "weight_decay", "dropout"} & set(SPECS)
+    mlp_keys = {"lr", "layers", "epochs", "batch_size", "negatives", "weight_decay", "dropout"}
+    assert mlp_keys | {"refit", "candidate_seed", "models", "fused", "gmf.lr", "mf.factors", "neumf.lr",
+                       "neumf.dropout", "ease.lambda"} <= set(PARAM_SPECS)
+    assert SECTIONS == ["ease", "gmf", "mf", "neumf"]
+    assert not {"mlp", "itempop", "neumf.layers", "neumf.factors"} & set(PARAM_SPECS)
 
 
 @pytest.mark.parametrize("key", sorted(PARAM_SPECS))
@@ -153,17 +164,23 @@ def test_every_section_mistake_stops_training_before_any_work(prepared: Path, mo
 
 
 @pytest.mark.parametrize("changes, words", [
-    ({"mlp.layers": [15, 8]}, "'mlp.layers' first entry must be even"),
-    ({"neumf.layers": [15, 8]}, "'neumf.layers' first entry must be even"),
+    ({"layers": [15, 8]}, "'layers' first entry must be even"),
+    ({"models": ["mf", "ease"]}, "'fused' has 'neumf', which starts from the gmf and mlp checkpoints"),
+    ({"models": ["gmf", "mlp"]}, "'models' lists 'mlp', which always train (stages train_mlp)"),
+    ({"fused": ["neumf", "itempop"]}, "'fused' lists 'itempop', which always train (stages train_itempop)"),
+    ({"models": ["gmf"]}, "'recommend_model' is 'ease', which is not trained"),
     ({"topK": 22}, "'topK' must be at most test_negatives + 1 = 21"),
-    ({"mlp.negatives": 0}, "'mlp.negatives' must be an integer in [1, 1000]"),
+    ({"negatives": 0}, "'negatives' must be an integer in [1, 1000]"),
     ({"gmf.lr": 0}, "'gmf.lr' must be a number in (0, 1]"),
     ({"learning_rate": 0.1}, "unknown key(s) 'learning_rate'"),
-    ({"lr": 0.1}, "unknown key(s) 'lr'"),  # the old flat key
-    ({"mlp.learning_rate": 0.1}, "unknown key(s) 'mlp.learning_rate'"),
+    ({"mlp": {"lr": 0.1}}, "unknown key(s) 'mlp'; 'mlp': the MLP's knobs are top-level keys now"),  # the old section
+    ({"itempop": {}}, "unknown key(s) 'itempop'; 'itempop': ItemPop has no knobs"),
+    ({"gmf.learning_rate": 0.1}, "unknown key(s) 'gmf.learning_rate'"),
     ({"gmf.lr": REMOVE}, "missing key(s) 'gmf.lr'"),
-], ids=["odd_mlp_layers", "odd_neumf_layers", "topK", "negatives", "gmf_lr", "unknown", "old_flat_key",
-        "unknown_field", "missing_field"])
+    ({"neumf.layers": [16, 8]}, "unknown key(s) 'neumf.layers'"),
+], ids=["odd_layers", "neumf_without_gmf", "mlp_in_models", "itempop_in_fused", "recommend_untrained", "topK",
+        "negatives", "gmf_lr", "unknown", "old_mlp_section", "old_itempop_section", "unknown_field",
+        "missing_field", "old_neumf_field"])
 @pytest.mark.parametrize("module", sorted(STAGE_ARGS))
 def test_param_rules_stop_every_stage_that_reads_params(prepared: Path, monkeypatch, capsys, module: str,
                                                         changes: dict, words: str) -> None:
@@ -176,7 +193,7 @@ def test_param_rules_stop_every_stage_that_reads_params(prepared: Path, monkeypa
 
 def test_nan_loss_stops_training_naming_the_epoch(prepared: Path, monkeypatch, capsys) -> None:
     assert stage("sample_negatives", *STAGE_ARGS["sample_negatives"], cwd=prepared).returncode == 0
-    set_params(prepared, **{"mlp.epochs": 3, "mlp.layers": [16, 8], "mlp.batch_size": 64})
+    set_params(prepared, epochs=3, layers=[16, 8], batch_size=64)
     from pipeline import models
     forward = models.MLP.forward
     calls = {"n": 0}

@@ -171,7 +171,6 @@ def test_synthetic_1m_through_the_stages(workdir: Path) -> None:
 def test_device_cuda_without_cuda_is_a_clear_error(prepared: Path) -> None:
     assert stage("sample_negatives", "data/prepared", "data/candidates", cwd=prepared).returncode == 0
     set_params(prepared, device="cuda")
-    err = user_error(stage("train", "mlp", "data/prepared", "data/candidates", "m.pt", "c.csv", "v.json",
-                           cwd=prepared))
+    err = user_error(stage("train", "mlp", "data/prepared", "data/candidates", "models", "training", cwd=prepared))
     assert "'device' is 'cuda'" in err and "no CUDA device" in err
-    assert not (prepared / "m.pt").exists()
+    assert not (prepared / "models").exists() and not (prepared / "training").exists()

@@ -1,94 +1,46 @@
-"""End to end: the real `dvc` commands a user runs, on a copy of the repo and a tiny dataset."""
+"""End to end: the user's contract, through the real `dvc` commands, on a copy of the repo and a tiny dataset.
+
+The contract: stages download, build_matrix, sample_negatives, train_itempop, train_mlp and evaluate,
+in that order; the MLP's knobs (layers, lr, negatives, ...) and topK are top-level keys of
+params.yaml, so that `dvc exp run -S lr=0.01` re-runs the MLP's training and what reads it, and
+nothing else; a bad value or unknown key is a one-line error naming it; `dvc metrics diff`,
+`dvc exp show` and `dvc plots` work; a forced re-run reproduces every byte.
+"""
 from __future__ import annotations
 
-import hashlib
+import csv
+import io
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
-from conftest import copy_pipeline, set_models, set_params
+from conftest import REPO, set_params
+from dvc_project import (ALL_MODELS, DVC, MLP_RERUN, NEURAL, dvc_env, make_project, outputs_digest, ran_stages,
+                         restore, run, sh, stages)
 
-ALL_MODELS = ["itempop", "mlp", "gmf", "neumf", "mf", "ease"]
-NEURAL = ("mlp", "gmf", "neumf", "mf")
-DATA_STAGES = {"download", "build_matrix", "sample_negatives"}
-COPIED = ["pipeline", "examples", "dvc.yaml", "params.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore",
-          ".gitignore"]
-LOOP = {"epochs": 2, "batch_size": 64, "negatives": 2}  # every neural model's loop, sized for tiny data
-TINY_PARAMS = {  # dotted keys change one field of a model's section (conftest.set_params)
-    "test_negatives": 20,
-    "models": ALL_MODELS,
-    **{f"{model}.{key}": value for model in NEURAL for key, value in LOOP.items()},
-    "mlp.layers": [16, 8],
-    "gmf.factors": 8,
-    "neumf.factors": 8, "neumf.layers": [16, 8], "neumf.pretrain_epochs": 1,
-    "mf.factors": 8,
-}
-
-
-def stages(models, data: bool = True, evaluate: bool = True, recommend: bool = True, report: bool = True) -> set[str]:
-    """The DVC stage names of a run: the data stages, train@<model> for each model, and those after."""
-    names = {f"train@{m}" for m in models}
-    names |= DATA_STAGES if data else set()
-    return names | {name for name, on in (("evaluate", evaluate), ("recommend", recommend), ("report", report))
-                    if on}
-
-
-STAGES = stages(ALL_MODELS)
-# `-S mlp.lr=...`: only that model's stage re-trains; evaluate and the report that reads its metrics follow.
-ONE_MODEL = {"train@mlp", "evaluate", "report"}
-
-
-def run(cmd: str, cwd: Path, env: dict, stdout_only: bool = False) -> str:
-    """Run a shell command; fail the test with its output if it fails; return its output."""
-    proc = subprocess.run(cmd, shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise AssertionError(f"`{cmd}` exited {proc.returncode}:\n{proc.stdout}{proc.stderr}")
-    return proc.stdout if stdout_only else proc.stdout + proc.stderr
-
-
-def ran_stages(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([\w@-]+)'", output))
-
-
-def outputs_digest(root: Path) -> dict[str, str]:
-    files = sorted(p for d in ("data", "metrics") for p in (root / d).rglob("*") if p.is_file())
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files
-            if p.name != ".gitignore"}
+STAGES = stages()
+CONTRACT_STAGES = ["download", "build_matrix", "sample_negatives", "train_itempop", "train_mlp", "evaluate"]
+MLP_KNOBS = ("layers", "lr", "negatives", "epochs", "batch_size", "dropout", "weight_decay")
 
 
 @pytest.fixture(scope="module")
 def env(tiny_mirror) -> dict:
-    bindir = str(Path(sys.executable).parent)
-    return {
-        **os.environ,
-        "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
-        "MOVIELENS_MIRROR": str(tiny_mirror),
-        "MOVIELENS_SKIP_VERIFY": "1",
-        "DVC_NO_ANALYTICS": "1",
-        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
-        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
-    }
-
-
-def make_project(root: Path, env: dict, models: list[str] | None = None) -> Path:
-    """Make root a fresh git repository holding the pipeline (no data, no lock), params sized for tiny data."""
-    copy_pipeline(root, COPIED)
-    set_params(root, **TINY_PARAMS)
-    if models is not None:
-        set_models(root, models)
-    run("git init -q -b main && git add -A && git commit -q -m pipeline", root, env)
-    return root
+    return dvc_env(tiny_mirror)
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, env) -> Path:
-    return make_project(tmp_path_factory.mktemp("project"), env)
+def project(tmp_path_factory, env) -> SimpleNamespace:
+    """A git repo with the pipeline and tiny params: `dvc repro` twice, then everything committed on main."""
+    root = make_project(tmp_path_factory.mktemp("project") / "repo", env)
+    first = run(f"{DVC} repro", root, env)
+    second = run(f"{DVC} repro", root, env)
+    run("git add -A && git commit -q -m results", root, env)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    return SimpleNamespace(root=root, first=first, second=second, params=params, digest=outputs_digest(root))
 
 
 def check_metrics(root: Path, models: list[str]) -> dict:
@@ -107,134 +59,293 @@ def check_metrics(root: Path, models: list[str]) -> dict:
         hr_at_k = (root / f"metrics/hr_at_k/{model}.csv").read_text().splitlines()
         assert hr_at_k[0] == "k,hr" and len(hr_at_k) == 21, hr_at_k[:2]
         assert float(hr_at_k[10].split(",")[1]) == pytest.approx(metrics[model]["hr"], abs=1e-6)
+    intervals = json.loads((root / "metrics/intervals.json").read_text())
+    assert list(intervals["models"]) == models, intervals["models"].keys()
     return metrics
 
 
 def check_training_outputs(root: Path, models: list[str], params: dict) -> None:
-    """Each model's checkpoint loads as tensors only; its curve has a row per epoch (one if closed form)."""
+    """Each model's two checkpoints load as tensors only; its curve has a row per epoch (one if closed form)."""
     import torch
     for model in models:
-        state = torch.load(root / f"data/models/{model}.pt", weights_only=True)
-        assert all(isinstance(v, torch.Tensor) for v in state.values()), model
-        if model in ("itempop", "ease"):
-            assert set(state) == {"counts" if model == "itempop" else "weights"}
+        for path in (f"data/models/{model}.pt", f"data/models/{model}.trainonly.pt"):
+            state = torch.load(root / path, weights_only=True)
+            assert state and all(isinstance(v, torch.Tensor) for v in state.values()), path
         curve = (root / f"metrics/training/{model}.csv").read_text().splitlines()
         assert curve[0] == "epoch,loss,val_hr,val_ndcg", curve
-        assert len(curve) == 1 + (params[model]["epochs"] if model in NEURAL else 1), (model, curve)
+        epochs = params["epochs"] if model == "mlp" else params[model]["epochs"] if model in NEURAL else 1
+        assert len(curve) == 1 + epochs, (model, curve)
         summary = json.loads((root / f"metrics/training/{model}.json").read_text())
         assert 1 <= summary["best_epoch"] <= len(curve) - 1 and 0.0 <= summary["val_hr"] <= 1.0, summary
-        if model == "neumf":
-            assert set(summary["pretrained"]) == {"gmf", "mlp"}, summary
+        assert summary["refit"] is True, summary
 
 
-def test_dvc_workflow(project: Path, env: dict, tmp_path: Path) -> None:
-    root = project
-    dvc = f"{sys.executable} -m dvc"
-    params = yaml.safe_load((root / "params.yaml").read_text())
+def dvc_error(proc, *names: str) -> str:
+    """Assert `dvc exp run` failed with the stage's one-line error naming `names`; no traceback. Return it."""
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert "Traceback" not in out, out
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, out  # the stage's own message: one line (then dvc's "ERROR: failed to reproduce")
+    assert all(name in errors[0] for name in names), (names, errors[0])
+    return errors[0]
 
-    # 1. dvc repro runs every stage, one train@<model> per model, and writes the metrics and the curves.
-    out = run(f"{dvc} repro", root, env)
-    assert ran_stages(out) == STAGES, out
-    check_metrics(root, ALL_MODELS)
-    check_training_outputs(root, ALL_MODELS, params)
-    # Each train@<model> depends on its own section of params.yaml only (and the shared keys).
+
+# ------------------------------------------------------------------------------- the contract
+
+def test_contract_stages_exist_in_order(project, env) -> None:
+    root = project.root
+    listed = run(f"{DVC} stage list --name-only", root, env, stdout_only=True).split()
+    assert set(listed) == STAGES, listed
+    assert listed[:5] == CONTRACT_STAGES[:5] and listed.index("evaluate") > 4, listed  # dvc.yaml's order
+    # `dvc dag`: each contract stage reads the previous one's outputs.
+    dot = run(f"{DVC} dag --dot", root, env, stdout_only=True)
+    edges = set(re.findall(r'"([\w@-]+)" -> "([\w@-]+)"', dot))
+    for edge in [("download", "build_matrix"), ("build_matrix", "sample_negatives"),
+                 ("sample_negatives", "train_itempop"), ("sample_negatives", "train_mlp"),
+                 ("train_itempop", "evaluate"), ("train_mlp", "evaluate"), ("sample_negatives", "evaluate"),
+                 ("train_mlp", "fuse@neumf"), ("train@gmf", "fuse@neumf"), ("fuse@neumf", "evaluate")]:
+        assert edge in edges, (edge, dot)
+    # The two core trainings are independent of each other and of the added models.
+    assert not {(a, b) for a, b in edges if a.startswith("train") and b.startswith("train")}, edges
+    # The same chain in dvc.lock: each stage reads what the previous one wrote.
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
-    for model in ALL_MODELS:
-        assert set(lock[f"train@{model}"]["params"]["params.yaml"]) == {"seed", "topK", "device", model}
 
-    # 2. Nothing changed: nothing runs.
-    out = run(f"{dvc} repro", root, env)
-    assert ran_stages(out) == set() and "Data and pipelines are up to date" in out, out
-    run("git add -A && git commit -q -m results", root, env)
+    def deps(name):
+        return {d["path"] for d in lock[name]["deps"]}
 
-    # 3. Experiments re-run exactly the stages that read the changed key; DVC's own spellings work.
-    # A field of one model's section re-trains that model alone.
-    settings = ["mlp.lr=0.01", "mlp.lr=0.00001", "'mlp.layers=[64,32,16,8]'", "mlp.negatives=8", "mlp.epochs=3",
-                "mlp.dropout=0.1"]
-    for setting in settings:
-        out = run(f"{dvc} exp run -S {setting}", root, env)
-        assert ran_stages(out) == ONE_MODEL, (setting, out)
-    shown_params = yaml.safe_load((root / "params.yaml").read_text())
-    assert str(shown_params["mlp"]["lr"]) in ("1e-05", "0.01") and shown_params["mlp"]["epochs"] == 3
-    assert shown_params["gmf"] == params["gmf"]  # the other sections are untouched
-    assert len((root / "metrics/training/mlp.csv").read_text().splitlines()) == 1 + 3
-    out = run(f"{dvc} exp run -S gmf.lr=0.01", root, env)
-    assert ran_stages(out) == {"train@gmf", "evaluate", "report"}, out
-    # topK is read by every model's stage (model selection) and by evaluate.
-    out = run(f"{dvc} exp run -S topK=5", root, env)
-    assert ran_stages(out) == stages(ALL_MODELS, data=False, recommend=False), out
-    shown = json.loads(run(f"{dvc} exp show --json", root, env, stdout_only=True))
-    experiments = [e for rev in shown for e in (rev.get("experiments") or [])]
-    assert len(experiments) >= len(settings) + 2
-    exp_metrics = [e["revs"][0]["data"]["metrics"]["metrics/test.json"]["data"] for e in experiments]
-    assert all(set(ALL_MODELS) <= set(m) and {"hr", "full"} <= set(m["mlp"]) for m in exp_metrics)
-    assert {m["k"] for m in exp_metrics} == {5, 10}
-    names = [e["revs"][0]["name"] for e in experiments[:2]]
-    run(f"{dvc} plots diff {names[0]} {names[1]}", root, env)
+    def outs(name):
+        return {o["path"] for o in lock[name]["outs"]}
+
+    assert outs("download") == {"data/raw"} and "data/raw" in deps("build_matrix")
+    assert outs("build_matrix") == {"data/prepared"} and "data/prepared" in deps("sample_negatives")
+    assert outs("sample_negatives") == {"data/candidates"}
+    for model in ("itempop", "mlp"):
+        assert {"data/prepared", "data/candidates"} <= deps(f"train_{model}")
+        assert {f"data/models/{model}.pt", f"data/models/{model}.trainonly.pt"} <= outs(f"train_{model}")
+    assert {"data/prepared", "data/candidates", "data/models"} <= deps("evaluate")
+    assert {"metrics/test.json", "metrics/intervals.json", "data/ranks.npz"} <= outs("evaluate")
+    # train_mlp reads the MLP's knobs, train_itempop none of them.
+    assert set(MLP_KNOBS) | {"topK"} <= set(lock["train_mlp"]["params"]["params.yaml"])
+    assert not set(MLP_KNOBS) & set(lock["train_itempop"]["params"]["params.yaml"])
+
+
+def test_params_yaml_has_the_mlp_knobs_at_the_top_level() -> None:
+    text = (REPO / "params.yaml").read_text()
+    params = yaml.safe_load(text)
+    for key in (*MLP_KNOBS, "topK"):
+        assert key in params and not isinstance(params[key], dict), key
+    assert "mlp" not in params and "itempop" not in params
+    assert isinstance(params["layers"], list) and params["layers"][0] % 2 == 0
+    # The comment above them says they are the MLP's knobs, tuned with `dvc exp run -S lr=...`.
+    before = text[:text.index("\nlayers:")]
+    comment = before[before.rstrip().rfind("\n\n") + 1:]
+    assert all(line.startswith("#") for line in comment.strip().splitlines()), comment
+    assert "MLP" in comment and "knobs" in comment and "top-level" in comment, comment
+    assert "dvc exp run -S lr=" in comment, comment
+
+
+def test_repro_runs_every_stage_then_nothing(project, env) -> None:
+    assert ran_stages(project.first) == STAGES, project.first
+    assert ran_stages(project.second) == set() and "Data and pipelines are up to date" in project.second, \
+        project.second
+    restore(project.root, env)
+    check_metrics(project.root, ALL_MODELS)
+    check_training_outputs(project.root, ALL_MODELS, project.params)
+    assert (project.root / "data/ranks.npz").is_file() and (project.root / "data/recommendations.csv").is_file()
+    # Only test.json is a DVC metric; the intervals and training summaries are plain outputs.
+    shown = run(f"{DVC} metrics show --json", project.root, env, stdout_only=True)
+    assert list(json.loads(shown)[""]["data"]) == ["metrics/test.json"], shown
+
+
+def test_mlp_knobs_rerun_only_train_mlp_and_its_readers(project, env) -> None:
+    """`dvc exp run -S <MLP knob>`: train_mlp, fuse@neumf (starts from the MLP), evaluate, report."""
+    root = project.root
+    baseline_model = project.digest["data/models/mlp.pt"]
+    assert project.params["recommend_model"] not in ("mlp", "neumf")  # so recommend is not re-run
+    names = {}
+    for setting in ["lr=0.01", "lr=0.00001", "'layers=[64,32,16,8]'", "negatives=4"]:
+        restore(root, env)
+        out = run(f"{DVC} exp run -S {setting}", root, env)
+        assert ran_stages(out) == MLP_RERUN, (setting, out)
+        names[setting] = re.search(r"Ran experiment\(s\): (\S+)", out).group(1)
+        assert outputs_digest(root)["data/models/mlp.pt"] != baseline_model, setting  # really trained anew
+        check_metrics(root, ALL_MODELS)
+        if setting == "lr=0.00001":
+            # DVC writes `lr: 1e-05`, which YAML 1.1 reads as a string: the pipeline accepts it.
+            assert re.search(r"^lr: 1e-05$", (root / "params.yaml").read_text(), re.M), \
+                (root / "params.yaml").read_text()
+        params = yaml.safe_load((root / "params.yaml").read_text())
+        assert {k: v for k, v in params.items() if k in ("gmf", "mf", "ease", "neumf")} == \
+            {k: project.params[k] for k in ("gmf", "mf", "ease", "neumf")}  # the sections are untouched
+    assert yaml.safe_load((root / "params.yaml").read_text())["negatives"] == 4
+
+    # `dvc exp show` lists them with their params and metrics; `dvc plots diff` draws two of them.
+    shown = json.loads(run(f"{DVC} exp show --json", root, env, stdout_only=True))
+    experiments = {e["name"]: e["revs"][0]["data"] for rev in shown for e in (rev.get("experiments") or [])}
+    assert set(names.values()) <= set(experiments), (names, list(experiments))
+    lr = experiments[names["lr=0.01"]]
+    assert lr["params"]["params.yaml"]["data"]["lr"] == 0.01
+    lr_hr = lr["metrics"]["metrics/test.json"]["data"]["mlp"]["hr"]
+    assert str(experiments[names["lr=0.00001"]]["params"]["params.yaml"]["data"]["lr"]) in ("1e-05", "1e-5")
+    assert experiments[names["'layers=[64,32,16,8]'"]]["params"]["params.yaml"]["data"]["layers"] == [64, 32, 16, 8]
+    for data in experiments.values():
+        test = data["metrics"]["metrics/test.json"]["data"]
+        assert set(test) == {"k", *ALL_MODELS} and {"hr", "ndcg", "mrr", "full"} <= set(test["mlp"]), test
+    header, *table = csv.reader(io.StringIO(run(f"{DVC} exp show --csv", root, env, stdout_only=True)))
+    assert {"lr", "layers", "negatives", "topK", "mlp.hr", "itempop.hr", "gmf.lr"} <= set(header), header
+    row = next(row for row in table if names["lr=0.01"] in row)
+    assert float(row[header.index("lr")]) == 0.01 and float(row[header.index("mlp.hr")]) == lr_hr, row
+    first, second = names["lr=0.01"], names["negatives=4"]
+    run(f"{DVC} plots diff {first} {second}", root, env)
     html = (root / "dvc_plots/index.html").read_text()
-    assert all(f'"{name}"' in html for name in names)
+    assert f'"{first}"' in html and f'"{second}"' in html
 
-    # Fewer models: their train stages leave the pipeline, the others are not re-run, and evaluate
-    # drops the removed models from the metrics.
-    run("git reset -q --hard && git clean -qfd", root, env)
-    run(f"{dvc} checkout -q", root, env)
-    extra = " -S recommend_model=mlp" if "recommend_model" in params else ""
-    out = run(f"{dvc} exp run -S 'models=[itempop,mlp]'{extra}", root, env)
-    assert ran_stages(out) == {"evaluate", "recommend", "report"}, out
-    metrics = check_metrics(root, ["itempop", "mlp"])
-    assert set(metrics) == {"k", "itempop", "mlp"}
-    listed = run(f"{dvc} stage list --name-only", root, env, stdout_only=True).split()
-    assert set(listed) == stages(["itempop", "mlp"]), listed  # (dvc.lock keeps the old entries: DVC's way)
 
-    # 4. A branch with other params, then `dvc metrics diff` in a fresh clone with no DVC cache.
-    run("git reset -q --hard && git clean -qfd", root, env)
-    run(f"{dvc} checkout -q", root, env)
+def test_gmf_section_reruns_gmf_and_neumf(project, env) -> None:
+    restore(project.root, env)
+    out = run(f"{DVC} exp run -S gmf.lr=0.001", project.root, env)
+    assert ran_stages(out) == {"train@gmf", "fuse@neumf", "evaluate", "report"}, out
+    params = yaml.safe_load((project.root / "params.yaml").read_text())
+    assert params["gmf"]["lr"] == 0.001 and params["lr"] == project.params["lr"]
+
+
+def test_dropping_models(project, env) -> None:
+    root = project.root
+    restore(root, env)
+    assert project.params["recommend_model"] in ("mf", "ease")  # still trained below
+    out = run(f"{DVC} exp run -S 'models=[mf,ease]' -S 'fused=[]'", root, env)
+    # Nothing trains: the kept models' stages did not change. Evaluate drops the removed models.
+    assert ran_stages(out) == {"evaluate", "report"}, out
+    listed = run(f"{DVC} stage list --name-only", root, env, stdout_only=True).split()
+    assert "train@gmf" not in listed and "fuse@neumf" not in listed, listed
+    assert set(listed) == stages(["mf", "ease"], []), listed  # (dvc.lock keeps the old entries: DVC's way)
+    metrics = check_metrics(root, ["itempop", "mlp", "mf", "ease"])
+    assert set(metrics) == {"k", "itempop", "mlp", "mf", "ease"}
+    assert "GMF" not in (root / "metrics/report.md").read_text()
+
+
+def test_bad_values_and_unknown_keys_are_one_line_errors(project, env) -> None:
+    root = project.root
+    cases = {  # setting -> what the error names
+        "lr=abc": ("'lr'", "a number in (0, 1]", "'abc'"),
+        "negatives=0": ("'negatives'", "an integer in [1, 1000]"),
+        "'layers=[15,8]'": ("'layers'", "even"),
+        "+gmf.lrr=0.01": ("'gmf.lrr'", "unknown key"),
+    }
+    for setting, names in cases.items():
+        restore(root, env)
+        dvc_error(sh(f"{DVC} exp run -S {setting}", root, env), *names)
+    # `-S mlp.lr=0.01`, the MLP's old section: DVC itself refuses a key that params.yaml lacks (it
+    # says to use +mlp.lr to add one), naming it, in a few lines and no traceback.
+    restore(root, env)
+    proc = sh(f"{DVC} exp run -S mlp.lr=0.01", root, env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in out and "mlp.lr" in out, out
+    if "error: " in out:  # a DVC that writes the new section: the pipeline's own error
+        assert "'mlp'" in dvc_error(proc) and "top-level" in out, out
+    restore(root, env)
+
+
+def test_added_unknown_top_level_key_is_an_error(project, env) -> None:
+    """`-S +mlp.lr=0.01` (DVC's way to add a key) writes an `mlp:` section: the run must fail and say
+    that the MLP's knobs are top-level."""
+    root = project.root
+    restore(root, env)
+    try:
+        proc = sh(f"{DVC} exp run -S +mlp.lr=0.01", root, env)
+        error = dvc_error(proc, "'mlp'")
+        assert "top-level" in error, error
+    finally:
+        restore(root, env)
+
+
+def test_metrics_diff_and_plots_between_branches(project, env, tmp_path) -> None:
+    """A branch with other params; `dvc metrics diff` in a fresh clone (no DVC cache); plots of both."""
+    root = project.root
+    restore(root, env)
     run("git checkout -q -b other", root, env)
-    set_params(root, seed=7, **{"mlp.epochs": 3})
-    run(f"{dvc} repro", root, env)
-    run("git add -A && git commit -q -m other", root, env)
-    clone = tmp_path / "clone"
-    run(f"git clone -q --no-single-branch {root} {clone}", tmp_path, env)
-    diff = run(f"{dvc} metrics diff main other", clone, env)
-    for key in ("itempop.hr", "itempop.ndcg", "itempop.mrr", "mlp.hr", "mlp.ndcg", "mlp.mrr"):
-        assert key in diff, diff
-    diff = run(f"{dvc} metrics diff --all main other", clone, env)
-    for model in ALL_MODELS:
-        for key in ("hr", "ndcg", "mrr", "full.hr", "full.ndcg", "full.mrr"):
-            assert f"{model}.{key}" in diff, (model, key, diff)
+    try:
+        # topK and refit change ItemPop's HR, NDCG and MRR too: `metrics diff` shows only what changed.
+        set_params(root, lr=0.01, topK=5, refit=False)
+        out = run(f"{DVC} repro", root, env)
+        assert ran_stages(out) == stages(data=False), out
+        run("git add -A && git commit -q -m other", root, env)
+        clone = tmp_path / "clone"
+        run(f"git clone -q --no-single-branch {root} {clone}", tmp_path, env)
+        assert not (clone / ".dvc/cache").exists()
+        diff = run(f"{DVC} metrics diff main other", clone, env, stdout_only=True)
+        for key in ("k", "itempop.hr", "itempop.ndcg", "itempop.mrr", "mlp.hr", "mlp.ndcg", "mlp.mrr"):
+            assert re.search(rf"^metrics/test\.json\s+{re.escape(key)}\s", diff, re.M), (key, diff)
+        diff = run(f"{DVC} metrics diff --all main other", clone, env, stdout_only=True)
+        for model in ALL_MODELS:
+            for key in ("hr", "ndcg", "mrr", "full.hr", "full.ndcg", "full.mrr"):
+                assert f"{model}.{key}" in diff, (model, key, diff)
+        assert {line.split()[0] for line in diff.splitlines()[1:] if line.strip()} == {"metrics/test.json"}, diff
 
-    # 5. Plots render (training curves of each neural model, test HR@K of every model) and compare
-    # across branches.
-    run(f"{dvc} plots show", root, env)
-    html = (root / "dvc_plots/index.html").read_text()
-    assert "val_hr" in html and "loss" in html
-    assert all(f'"filename": "{m}.csv"' in html for m in NEURAL), html  # metrics/training/<model>.csv
-    assert all(f'"filename": "{m}.csv"' in html for m in ALL_MODELS), html  # metrics/hr_at_k/<model>.csv
-    run(f"{dvc} plots diff main other", root, env)
-    html = (root / "dvc_plots/index.html").read_text()
-    assert '"main"' in html and '"other"' in html
+        # Plots: the training curves of each neural model, test HR@K of every model; across branches.
+        run(f"{DVC} plots show", root, env)
+        html = (root / "dvc_plots/index.html").read_text()
+        assert "val_hr" in html and "loss" in html
+        assert all(f'"filename": "{m}.csv"' in html for m in ALL_MODELS), html  # metrics/*/<model>.csv
+        run(f"{DVC} plots diff main other", root, env)
+        html = (root / "dvc_plots/index.html").read_text()
+        assert '"main"' in html and '"other"' in html
+    finally:
+        restore(root, env)
 
-    # 6. A forced re-run reproduces every output byte for byte.
-    run(f"{dvc} repro -f", root, env)
+
+def test_forced_repro_reproduces_every_byte(project, env) -> None:
+    root = project.root
+    restore(root, env)
+    assert outputs_digest(root) == project.digest  # the first run's outputs, from git and the DVC cache
+    run(f"{DVC} repro -f", root, env)
     first = outputs_digest(root)
-    run(f"{dvc} repro -f", root, env)
+    run(f"{DVC} repro -f", root, env)
     assert outputs_digest(root) == first
-    assert {f"data/models/{m}.pt" for m in ALL_MODELS} <= set(first) and "metrics/test.json" in first
+    assert first == project.digest
+    assert {f"data/models/{m}{ext}" for m in ALL_MODELS for ext in (".pt", ".trainonly.pt")} <= set(first)
+    assert {"metrics/test.json", "metrics/intervals.json", "data/ranks.npz"} <= set(first)
 
 
-def test_dataset_switch_remote_and_fresh_clone(tmp_path: Path, env: dict) -> None:
-    """Changing `dataset` re-runs every stage and never mixes caches; a remote shares the results."""
-    models = ["itempop", "mlp", "gmf"]  # fewer models here: test_dvc_workflow trains them all
-    root = make_project(tmp_path / "project", env, models)
-    dvc = f"{sys.executable} -m dvc"
-    out = run(f"{dvc} repro", root, env)
-    assert ran_stages(out) == stages(models), out
-    tiny = (root / "metrics/test.json").read_text()
+# ------------------------------------------------------------------------- fewer models, datasets
+
+SMALL = ["itempop", "mlp", "gmf"]  # models: [gmf], fused: []
+
+
+@pytest.fixture(scope="module")
+def small_project(tmp_path_factory, env) -> Path:
+    root = make_project(tmp_path_factory.mktemp("small") / "repo", env, models=["gmf"], fused=[])
+    out = run(f"{DVC} repro", root, env)
+    assert ran_stages(out) == stages(["gmf"], []), out
     run("git add -A && git commit -q -m tiny", root, env)
+    return root
+
+
+def test_plots_show_every_evaluated_model_with_fewer_models(small_project, env) -> None:
+    root = small_project
+    restore(root, env)
+    check_metrics(root, SMALL)
+    out = run(f"{DVC} plots show", root, env)
+    html = (root / "dvc_plots/index.html").read_text()
+    # DVC warns about the files of the models that were not trained, and draws every other series.
+    specs = html.split("var spec = ")[1:]
+    assert len(specs) == 3 and not any(spec.startswith("{}") for spec in specs), out  # no plot left empty
+    hr_spec = next(spec for spec in specs if '"hr"' in spec and '"k"' in spec)
+    assert all(f'"filename": "{m}.csv"' in hr_spec for m in SMALL), hr_spec  # metrics/hr_at_k/<model>.csv
+    assert '"filename": "ease.csv"' not in hr_spec
+    assert html.count("<img") == 2  # the report's PNG charts
+
+
+def test_dataset_switch_remote_and_fresh_clone(small_project, env, tmp_path) -> None:
+    """Changing `dataset` re-runs every stage and never mixes caches; a remote shares the results."""
+    root = small_project
+    restore(root, env)
+    tiny = (root / "metrics/test.json").read_text()
 
     # Another dataset: every stage runs, on different data.
-    out = run(f"{dvc} exp run -S dataset=custom", root, env)
-    assert ran_stages(out) == stages(models), out
+    out = run(f"{DVC} exp run -S dataset=custom", root, env)
+    assert ran_stages(out) == stages(["gmf"], []), out
     assert json.loads((root / "data/raw/source.json").read_text())["dataset"] == "custom"
     users = (root / "data/prepared/users.csv").read_text().splitlines()
     assert users[1] == "0,user-01" and len(users) == 61
@@ -242,40 +353,30 @@ def test_dataset_switch_remote_and_fresh_clone(tmp_path: Path, env: dict) -> Non
 
     # Back to the first dataset: DVC restores the stages with only cached outputs (the data stages,
     # recommend) from its run cache. The stages that also write git-tracked files (cache: false:
-    # every train@<model>, evaluate, report) are outside DVC's run cache: they re-run, to the same bytes.
+    # every training stage, evaluate, report) are outside DVC's run cache: they re-run, to the same bytes.
     set_params(root, dataset="ml-100k")
-    out = run(f"{dvc} repro", root, env)
-    assert ran_stages(out) == stages(models, data=False, recommend=False), out
+    out = run(f"{DVC} repro", root, env)
+    assert ran_stages(out) == stages(["gmf"], [], data=False, recommend=False), out
     assert (root / "metrics/test.json").read_text() == tiny
     assert json.loads((root / "data/raw/source.json").read_text())["dataset"] == "ml-100k"
+    assert run("git status --porcelain", root, env, stdout_only=True).strip() == ""
 
     # A local-directory remote: push here, pull into a fresh clone, which is then up to date.
     remote = tmp_path / "remote"
-    run(f"{dvc} remote add -d shared {remote} && git add .dvc/config && git commit -q -m remote", root, env)
-    run(f"{dvc} push", root, env)
-    clone = tmp_path / "clone"
-    run(f"git clone -q {root} {clone}", tmp_path, env)
-    run(f"{dvc} pull", clone, env)
-    status = run(f"{dvc} status", clone, env)
-    assert "Data and pipelines are up to date" in status, status
-    assert outputs_digest(clone) == outputs_digest(root)
-    check_metrics(clone, models)
-    # dvc.yaml's training plots name all four neural models' curves; those not trained have no file.
-    run(f"{dvc} plots show", clone, env)
-    html = (clone / "dvc_plots/index.html").read_text()
-    assert all(f'"filename": "{m}.csv"' in html for m in ("mlp", "gmf")), html
-
-
-def test_plots_show_every_evaluated_model_with_fewer_models(tmp_path: Path, env: dict) -> None:
-    models = ["itempop", "mlp", "gmf"]
-    root = make_project(tmp_path / "project", env, models)
-    dvc = f"{sys.executable} -m dvc"
-    run(f"{dvc} repro", root, env)
-    out = run(f"{dvc} plots show", root, env)
-    html = (root / "dvc_plots/index.html").read_text()
-    # DVC warns about the files of the models that were not trained, and draws every other series.
-    specs = html.split("var spec = ")[1:]
-    assert len(specs) == 3 and not any(spec.startswith("{}") for spec in specs), out  # no plot left empty
-    hr_spec = next(spec for spec in specs if '"hr"' in spec and '"k"' in spec)
-    assert all(f'"filename": "{m}.csv"' in hr_spec for m in models), hr_spec  # metrics/hr_at_k/<model>.csv
-    assert html.count("<img") == 2  # the report's PNG charts
+    run(f"{DVC} remote add -d shared {remote} && git add .dvc/config && git commit -q -m remote", root, env)
+    try:
+        run(f"{DVC} push", root, env)
+        clone = tmp_path / "clone"
+        run(f"git clone -q {root} {clone}", tmp_path, env)
+        run(f"{DVC} pull", clone, env)
+        status = run(f"{DVC} status", clone, env)
+        assert "Data and pipelines are up to date" in status, status
+        assert outputs_digest(clone) == outputs_digest(root)
+        check_metrics(clone, SMALL)
+        # dvc.yaml's training plots name all four neural models' curves; those not trained have no file.
+        run(f"{DVC} plots show", clone, env)
+        html = (clone / "dvc_plots/index.html").read_text()
+        assert all(f'"filename": "{m}.csv"' in html for m in ("mlp", "gmf")), html
+    finally:
+        run("git reset -q --hard HEAD~1", root, env)  # the project's remote goes with its commit
+        restore(root, env)

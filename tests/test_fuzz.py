@@ -13,7 +13,7 @@ Contracts checked:
 - `params.validate`: for every key of SPECS and of its sections (so keys added later are covered)
   and every kind ('int', 'float', 'int_list', 'choice', 'choice_list', 'bool', 'str', 'column',
   'section'), any replacement value is accepted (converted, of the kind, in range) or rejected
-  with a PipelineError naming the source and the key ('mlp.lr' in a section); in-range numbers
+  with a PipelineError naming the source and the key ('gmf.lr' in a section); in-range numbers
   written as strings (as DVC writes them) give the same result as the numbers; valid values of
   the other kinds round-trip, also through YAML; a wrong type is rejected naming the key; unknown
   and missing keys are named, in sections too.
@@ -46,7 +46,7 @@ from conftest import REPO
 from pipeline.build_matrix import read_ratings
 from pipeline.common import PipelineError
 from pipeline.datasets import DATASETS, Table, read_interactions, read_titles
-from pipeline.params import SPECS, Spec, validate
+from pipeline.params import CORE_MODELS, SPECS, Spec, validate
 from pipeline.sampling import ComplementSampler, distinct_ranks
 
 
@@ -461,7 +461,7 @@ SOURCE = "fuzz-dir/params-under-test.yaml"
 BASE = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
 NUMERIC_KINDS = {"int", "float", "int_list"}
 OTHER_KINDS = {"choice", "choice_list", "bool", "str", "column"}
-Path_ = tuple[str, ...]  # a key, or a section and its key: ("dataset",), ("mlp", "lr")
+Path_ = tuple[str, ...]  # a key, or a section and its key: ("dataset",), ("gmf", "lr")
 
 
 def _paths(specs: dict[str, Spec], prefix: Path_ = ()) -> dict[Path_, Spec]:
@@ -482,7 +482,7 @@ SECTION_PATHS = sorted(p for p, s in PATHS.items() if s.kind == "section")
 
 
 def _name(path: Path_) -> str:
-    return ".".join(path)  # as messages name it: 'mlp.lr'
+    return ".".join(path)  # as messages name it: 'gmf.lr'
 
 
 def test_every_kind_is_known():
@@ -549,9 +549,10 @@ def _assert_valid_value(spec: Spec, value: Any, given: Any) -> None:
     elif spec.kind == "choice":
         assert type(value) is str and value in spec.choices and value == given
     elif spec.kind == "choice_list":
-        assert type(value) is list and value and len(set(value)) == len(value)
+        assert type(value) is list and (value or spec.optional) and len(set(value)) == len(value)
         assert all(type(v) is str and v in spec.choices for v in value)
-        assert value == (yaml.safe_load(given) if isinstance(given, str) else given)
+        given = yaml.safe_load(given) if isinstance(given, str) else given
+        assert value == ([] if given is None and spec.optional else given)
     elif spec.kind == "bool":
         assert type(value) is bool
         assert value is given or (type(given) is str and given.strip().lower() == str(value).lower())
@@ -626,6 +627,10 @@ def _assert_only_changed(params: dict, path: Path_) -> None:
 @example(path=("custom_user",), value="")
 @example(path=("custom_path",), value=" ")
 @example(path=("device",), value=["cpu"])
+@example(path=("models",), value=[])  # fires the rule that fused neumf needs gmf
+@example(path=("models",), value=["gmf"])  # fires the rule that recommend_model is trained
+@example(path=("models",), value=["mlp", "gmf"])  # a model that always trains
+@example(path=("fused",), value=None)
 def test_validate_any_value_for_one_key(path, value):
     spec = PATHS[path]
     params, message = _validate(_with(path, value))
@@ -719,8 +724,9 @@ def _valid_other(spec: Spec) -> st.SearchStrategy[Any]:
     if spec.kind == "choice":
         return st.sampled_from(spec.choices)
     if spec.kind == "choice_list":
-        lists = st.lists(st.sampled_from(spec.choices), min_size=1, unique=True)
-        return st.one_of(lists, lists.map(lambda v: "[" + ", ".join(v) + "]"))  # as `-S models=[a,b]` writes it
+        lists = st.lists(st.sampled_from(spec.choices), min_size=0 if spec.optional else 1, unique=True)
+        none = [st.none(), st.just("[]")] if spec.optional else []  # `models: []`, or nothing after `models:`
+        return st.one_of(lists, lists.map(lambda v: "[" + ", ".join(v) + "]"), *none)  # as `-S models=[a,b]` writes it
     if spec.kind == "bool":
         return st.one_of(st.booleans(), st.sampled_from(["true", "false", "True", "FALSE", " true "]))
     if spec.kind == "str":
@@ -742,7 +748,8 @@ def _wrong_other(spec: Spec) -> st.SearchStrategy[Any]:
                          st.sampled_from([c for c in near if c not in spec.choices]))
     if spec.kind == "choice_list":
         names = st.sampled_from(spec.choices)
-        return st.one_of(st.none(), st.floats(), st.booleans(), st.integers(), st.just([]), st.just("[]"),
+        empty = [] if spec.optional else [st.none(), st.just([]), st.just("[]")]  # [] may be allowed
+        return st.one_of(*empty, st.floats(), st.booleans(), st.integers(),
                          names,  # one name, not a list of one
                          st.lists(names, min_size=1, max_size=3).map(lambda v: v + v[:1]),  # a repeat
                          st.lists(st.one_of(names, st.text(max_size=5).filter(lambda s: s not in spec.choices),
@@ -782,8 +789,23 @@ def test_validate_other_kinds_round_trip(data, path):
 def test_validate_other_kinds_reject_wrong_types(data, path):
     spec = PATHS[path]
     value = data.draw(_wrong_other(spec), label="value")
+    _assert_rejected_as_wrong(path, value)
+
+
+@pytest.mark.parametrize("path, value", [(("models",), ["gmf", "mlp"]), (("fused",), ["itempop"]),
+                                         (("models",), "[mlp]"), (("models",), ["mlp", 3])])
+def test_validate_rejects_a_model_that_always_trains_in_the_lists(path, value):
+    _assert_rejected_as_wrong(path, value)
+
+
+def _assert_rejected_as_wrong(path: Path_, value: Any) -> None:
+    spec = PATHS[path]
     params, message = _validate(_with(path, value))
     assert message is not None, (path, value, params and _get(params, path))
+    core = [m for m in CORE_MODELS if spec.kind == "choice_list" and isinstance(value, list) and m in value]
+    if core:  # a model that always trains: the message says so, naming its stage
+        assert f"'{_name(path)}' lists" in message and f"train_{core[0]}" in message, message
+        return
     assert f"'{_name(path)}' must be {spec.describe()}" in message, message
 
 
@@ -794,7 +816,9 @@ _NOT_A_KEY = st.one_of(st.text(max_size=10), st.integers(), st.none(), st.boolea
 @given(section=st.sampled_from([()] + SECTION_PATHS), key=_NOT_A_KEY, value=ANY_VALUE)
 @example(section=(), key="Lr", value=0.1)
 @example(section=(), key="lr ", value=0.1)
-@example(section=(), key="lr", value=0.1)  # lr lives in the model sections
+@example(section=(), key="mlp", value={"lr": 0.1})  # the MLP's old section: its knobs are top-level keys now
+@example(section=(), key="itempop", value={})
+@example(section=("neumf",), key="layers", value=[16, 8])  # NeuMF's old fields
 @example(section=_leaf("lr")[:-1], key="LR", value=0.1)
 def test_validate_names_unknown_keys(section, key, value):
     keys = SPECS if not section else PATHS[section].fields

@@ -11,7 +11,7 @@ import scipy.sparse as sp
 import torch
 
 from pipeline.metrics import full_ranks, heldout_rank, hit_ratio, hit_ratio_curve, mrr, ndcg
-from pipeline.models import MF, ItemPop, full_scores
+from pipeline.models import MF, MLP, ItemPop
 
 
 # --- heldout_rank -------------------------------------------------------------------------------
@@ -316,7 +316,7 @@ def random_mf(n_users: int, n_items: int) -> MF:
     return model
 
 
-@pytest.mark.parametrize("scorer", ["ties", "itempop", "mf"])
+@pytest.mark.parametrize("scorer", ["ties", "itempop", "mf", "mlp"])
 def test_sampled_and_full_metrics_agree_on_every_unseen_item(scorer):
     rng = np.random.default_rng(11)
     n_users, n_items, n_seen, k = 30, 20, 6, 5
@@ -327,9 +327,16 @@ def test_sampled_and_full_metrics_agree_on_every_unseen_item(scorer):
         def score_all(users):
             return table[torch.from_numpy(np.asarray(users))]
     elif scorer == "itempop":
-        score_all = full_scores(ItemPop(rng.integers(0, 5, size=n_items)), n_items)
+        score_all = ItemPop(rng.integers(0, 5, size=n_items)).score_all
+    elif scorer == "mlp":
+        torch.manual_seed(0)
+        mlp = MLP(n_users, n_items, [8, 6])
+        with torch.no_grad():
+            for param in mlp.parameters():
+                param.normal_()
+        score_all = mlp.score_all
     else:
-        score_all = full_scores(random_mf(n_users, n_items), n_items)
+        score_all = random_mf(n_users, n_items).score_all
     users = np.arange(n_users)
     cands = every_unseen_candidates(seen, heldout)
     assert cands.shape == (n_users, n_items - n_seen)

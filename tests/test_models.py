@@ -10,7 +10,8 @@ import torch
 
 from pipeline.common import PipelineError
 from pipeline.metrics import heldout_rank
-from pipeline.models import EASE, GMF, MF, MLP, MODEL_CLASSES, ItemPop, NeuMF, PairScorer, full_scores, load_model
+from pipeline.models import (EASE, GMF, MAX_EASE_ITEMS, MF, MLP, MODEL_CLASSES, REGISTRY, ItemPop, NeuMF, PairScorer,
+                             load_model, load_state)
 
 N_USERS, N_ITEMS = 7, 11
 
@@ -193,6 +194,7 @@ def make_model(name: str, seed: int = 0, dropout: float = 0.0) -> PairScorer:
 
 
 NEURAL = sorted(MODEL_CLASSES)  # gmf, mf, mlp, neumf
+NAMED = {MLP: "an MLP", GMF: "a GMF", MF: "an MF", NeuMF: "a NeuMF"}  # as the error messages say them
 
 
 def test_model_classes_are_the_four_neural_models():
@@ -277,7 +279,7 @@ def test_load_model_reads_a_saved_checkpoint(name, tmp_path):
 @pytest.mark.parametrize("name, other", [(a, b) for a in NEURAL for b in NEURAL if a != b])
 def test_another_models_state_dict_is_rejected(name, other):
     cls = MODEL_CLASSES[name]
-    with pytest.raises(ValueError, match=f"not {cls.label} state_dict"):
+    with pytest.raises(ValueError, match=f"not {NAMED[cls]} state_dict"):
         cls.from_state_dict(make_model(other).state_dict())
 
 
@@ -288,16 +290,16 @@ def test_from_state_dict_missing_or_misshapen_tensor_raises_value_error(name):
     for key in good:
         state = dict(good)
         del state[key]
-        with pytest.raises(ValueError, match=f"not {cls.label} state_dict"):
+        with pytest.raises(ValueError, match=f"not {NAMED[cls]} state_dict"):
             cls.from_state_dict(state)
     misshapen = {"gmf": "output.weight", "mf": "item_bias.weight", "neumf": "mlp.item_embedding.weight"}[name]
     state = dict(good)
     state[misshapen] = torch.zeros(good[misshapen].shape[0] + 1, good[misshapen].shape[1])
-    with pytest.raises(ValueError, match=f"not {cls.label} state_dict"):
+    with pytest.raises(ValueError, match=f"not {NAMED[cls]} state_dict"):
         cls.from_state_dict(state)
-    with pytest.raises(ValueError, match=f"not {cls.label} state_dict"):
+    with pytest.raises(ValueError, match=f"not {NAMED[cls]} state_dict"):
         cls.from_state_dict({k: v.tolist() for k, v in good.items()})
-    with pytest.raises(ValueError, match=f"not {cls.label} state_dict"):
+    with pytest.raises(ValueError, match=f"not {NAMED[cls]} state_dict"):
         cls.from_state_dict({})
 
 
@@ -360,7 +362,7 @@ def dense_history(seed: int = 0) -> sp.csr_matrix:
 def every_model() -> dict:
     train = dense_history()
     models = {name: make_model(name, dropout=0.3 if name in ("mlp", "neumf") else 0.0) for name in NEURAL}
-    models["ease"] = EASE(EASE.fit(train, 2.0), train)
+    models["ease"] = EASE(EASE.weights_for(train, 2.0), train)
     models["itempop"] = ItemPop(np.bincount(train.indices, minlength=N_ITEMS))
     return models
 
@@ -369,7 +371,7 @@ def every_model() -> dict:
 def test_score_all_gathered_at_the_candidates_equals_score(name):
     model = every_model()[name]
     users = np.array([0, 6, 2, 2, 5])
-    everything = full_scores(model, N_ITEMS)(users)
+    everything = model.score_all(users)
     assert isinstance(everything, torch.Tensor)
     assert everything.shape == (len(users), N_ITEMS) and everything.dtype == torch.float32
     _, items = candidate_grid(len(users), 7, seed=2)
@@ -413,7 +415,7 @@ def ease_by_hand(x: np.ndarray, lam: float) -> np.ndarray:
 @pytest.mark.parametrize("lam", [0.5, 3.0, 300.0])
 def test_ease_fit_matches_the_closed_form(lam):
     x = dense_history(seed=4).toarray().astype(np.float64)
-    weights = EASE.fit(sp.csr_matrix(x), lam)
+    weights = EASE.weights_for(sp.csr_matrix(x), lam)
     assert weights.dtype == torch.float32 and weights.shape == (N_ITEMS, N_ITEMS)
     expected = ease_by_hand(x, lam)
     np.testing.assert_allclose(weights.numpy(), expected, rtol=1e-5, atol=1e-6)
@@ -424,7 +426,7 @@ def test_ease_fit_matches_the_closed_form(lam):
 def test_ease_scores_are_history_times_weights():
     train = dense_history(seed=5)
     x = train.toarray().astype(np.float64)
-    model = EASE(EASE.fit(train, 1.5), train)
+    model = EASE(EASE.weights_for(train, 1.5), train)
     assert model.n_items == N_ITEMS
     expected = x @ ease_by_hand(x, 1.5)
     users = np.array([4, 0, 2, 4])
@@ -434,3 +436,186 @@ def test_ease_scores_are_history_times_weights():
     scores = model.score(users, items)
     assert scores.dtype == np.float64
     np.testing.assert_allclose(scores, np.take_along_axis(expected[users], items, axis=1), rtol=1e-4, atol=1e-5)
+
+
+def test_ease_fit_returns_the_checkpoint_for_its_section():
+    train = dense_history(seed=4)
+    state = EASE.fit(train, {"lambda": 3.0})
+    assert set(state) == {"weights"}
+    assert torch.equal(state["weights"], EASE.weights_for(train, 3.0))
+
+
+def test_ease_refuses_too_many_items(monkeypatch):
+    monkeypatch.setattr("pipeline.models.MAX_EASE_ITEMS", N_ITEMS - 1)
+    with pytest.raises(PipelineError, match=f"ease: {N_ITEMS} items.*Remove ease from 'models'"):
+        EASE.fit(dense_history(), {"lambda": 1.0})
+    assert MAX_EASE_ITEMS == 30_000
+
+
+# --- the registry: every model built, saved and rebuilt the way the stages do it ------------------
+
+def test_registry_holds_exactly_the_six_models():
+    from pipeline.params import LABELS, MODEL_NAMES
+    assert REGISTRY == {"itempop": ItemPop, "mlp": MLP, "gmf": GMF, "mf": MF, "ease": EASE, "neumf": NeuMF}
+    assert set(REGISTRY) == set(MODEL_NAMES)
+    assert MODEL_CLASSES == {name: cls for name, cls in REGISTRY.items() if cls.neural}
+    for name, cls in REGISTRY.items():
+        assert cls.label == LABELS[name]
+        assert cls.neural is (name in ("mlp", "gmf", "mf", "neumf"))
+        assert callable(cls.from_state)
+        assert callable(getattr(cls, "fit" if not cls.neural else "from_params"))
+
+
+SECTIONS = {  # what params.model_section gives each model (the loop's knobs do not build a model)
+    "mlp": {"layers": [16, 8, 4], "dropout": 0.2, "lr": 0.01, "weight_decay": 0.0, "epochs": 1, "batch_size": 8,
+            "negatives": 1},
+    "gmf": {"factors": 5, "lr": 0.01, "weight_decay": 0.0, "epochs": 1, "batch_size": 8, "negatives": 1},
+    "mf": {"factors": 3, "lr": 0.01, "weight_decay": 0.0, "epochs": 1, "batch_size": 8, "negatives": 1},
+    "ease": {"lambda": 2.0},
+    "itempop": {},
+}
+
+
+def build_from_registry(name: str, train: sp.csr_matrix) -> tuple[object, dict]:
+    """(a model, its checkpoint's state) for `name`, built as pipeline.train builds it."""
+    cls = REGISTRY[name]
+    torch.manual_seed(5)
+    if name == "neumf":
+        gmf = GMF.from_params(N_USERS, N_ITEMS, SECTIONS["gmf"])
+        mlp = MLP.from_params(N_USERS, N_ITEMS, SECTIONS["mlp"])
+        model = NeuMF.from_pretrained(gmf, mlp, dropout=0.1)
+        assert model.mlp.dropout == 0.1 and mlp.dropout == 0.2
+    elif cls.neural:
+        model = cls.from_params(N_USERS, N_ITEMS, SECTIONS[name])
+    else:
+        state = cls.fit(train, SECTIONS[name])
+        return cls.from_state(state, train), state
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(std=0.7)
+    return model, model.state_dict()
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_model_round_trips_through_from_state(name, tmp_path):
+    train = dense_history(seed=7)
+    model, state = build_from_registry(name, train)
+    assert type(model) is REGISTRY[name]
+    if name == "mlp":
+        assert [layer.out_features for layer in model.tower] == [8, 4] and model.dropout == 0.2
+    if name in ("gmf", "mf"):
+        assert model.user_embedding.embedding_dim == SECTIONS[name]["factors"]
+    if name == "itempop":
+        np.testing.assert_array_equal(state["counts"].numpy(), np.asarray(train.sum(axis=0)).ravel())
+    path = tmp_path / f"{name}.pt"
+    torch.save(state, path)
+    loaded = load_state(name, path)
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+    rebuilt = REGISTRY[name].from_state(loaded, train)
+    assert type(rebuilt) is type(model) and rebuilt.n_items == N_ITEMS
+    if REGISTRY[name].neural:
+        assert rebuilt.training is False
+    users, items = candidate_grid(6, 5, seed=3)
+    scores = rebuilt.score(users, items)
+    np.testing.assert_array_equal(scores, model.score(users, items))
+    assert len(np.unique(scores)) > 1
+    everyone = np.arange(N_USERS)
+    torch.testing.assert_close(rebuilt.score_all(everyone), model.score_all(everyone), rtol=0, atol=0)
+    via_load = load_model(name, path, train)
+    np.testing.assert_array_equal(via_load.score(users, items), scores)
+
+
+def test_load_state_and_load_model_errors(tmp_path):
+    with pytest.raises(PipelineError, match="not found; run `dvc repro` to train gmf"):
+        load_state("gmf", tmp_path / "gmf.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(PipelineError, match="junk.pt: not a readable model checkpoint"):
+        load_state("mlp", tmp_path / "junk.pt")
+    torch.save({"counts": torch.arange(N_ITEMS)}, tmp_path / "itempop.pt")
+    with pytest.raises(PipelineError, match="not a valid mlp checkpoint"):
+        load_model("mlp", tmp_path / "itempop.pt", dense_history())
+    with pytest.raises(PipelineError, match="not a valid ease checkpoint"):
+        load_model("ease", tmp_path / "itempop.pt", dense_history())
+
+
+# --- full rankings: the decomposed first layer equals the generic forward path -----------------------
+
+def randomised(model: PairScorer, seed: int = 0) -> PairScorer:
+    """Every parameter (biases too) drawn at random, so each term of the scores moves them."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(std=0.5)
+    return model.eval()
+
+
+def forward_on_every_pair(model: PairScorer, users: np.ndarray) -> torch.Tensor:
+    """[len(users), n_items] logits through forward(), one flat call over every (user, item) pair."""
+    u = torch.as_tensor(users).repeat_interleave(N_ITEMS)
+    i = torch.arange(N_ITEMS).repeat(len(users))
+    with torch.no_grad():
+        return model(u, i).reshape(len(users), N_ITEMS)
+
+
+USERS_TWICE = np.array([6, 0, 3, 3, 1, 5, 2, 4])  # every user, one twice, out of order
+
+
+@pytest.mark.parametrize("layers", [[6], [8, 4], [16, 8], [12, 10, 6, 4], [20, 16, 12, 8, 4]])
+@pytest.mark.parametrize("max_elements", [1 << 24, 50])  # one block, and a block per user
+def test_mlp_score_all_equals_forward_on_every_pair(layers, max_elements):
+    model = randomised(MLP(N_USERS, N_ITEMS, layers, dropout=0.3))
+    model.train()  # score_all switches to eval: dropout off
+    expected = forward_on_every_pair(model.eval(), USERS_TWICE)
+    model.train()
+    got = model.score_all(USERS_TWICE, max_elements=max_elements)
+    assert got.shape == (len(USERS_TWICE), N_ITEMS) and got.dtype == torch.float32 and model.training
+    assert expected.std() > 0.1
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.score_block(torch.as_tensor(USERS_TWICE)).detach(), expected,
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layers", [[6], [16, 8, 4], [12, 10, 6]])
+@pytest.mark.parametrize("max_elements", [1 << 24, 50])
+def test_neumf_score_all_equals_forward_on_every_pair(layers, max_elements):
+    model = randomised(NeuMF(N_USERS, N_ITEMS, 5, layers, dropout=0.2), seed=1)
+    expected = forward_on_every_pair(model, USERS_TWICE)
+    got = model.score_all(USERS_TWICE, max_elements=max_elements)
+    assert got.shape == (len(USERS_TWICE), N_ITEMS) and got.dtype == torch.float32
+    assert expected.std() > 0.1
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # the GMF half alone moves the scores too (not an MLP-only check)
+    with torch.no_grad():
+        model.output.weight[0, :5] = 0.0
+    torch.testing.assert_close(model.score_all(USERS_TWICE), forward_on_every_pair(model, USERS_TWICE),
+                               rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(model.score_all(USERS_TWICE), got, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["gmf", "mf"])
+def test_factor_models_score_all_equals_forward_on_every_pair(name):
+    model = randomised(REGISTRY[name](N_USERS, N_ITEMS, 6), seed=2)
+    expected = forward_on_every_pair(model, USERS_TWICE)
+    assert expected.std() > 0.1
+    torch.testing.assert_close(model.score_all(USERS_TWICE), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mlp_dropout_draws_from_its_generator():
+    model = randomised(MLP(N_USERS, N_ITEMS, [16, 16, 8], dropout=0.5)).train()
+    users, items = torch.arange(N_USERS), torch.arange(N_USERS)
+    outputs = []
+    for global_seed in (0, 99):
+        torch.manual_seed(global_seed)  # the global generator must not matter once one is set
+        model.dropout_generator = torch.Generator().manual_seed(7)
+        outputs.append(model(users, items))
+    assert torch.equal(outputs[0], outputs[1])
+    model.dropout_generator = torch.Generator().manual_seed(8)
+    assert not torch.equal(model(users, items), outputs[0])
+    with torch.no_grad():
+        assert not torch.equal(model.eval()(users, items), outputs[0])  # the draws did drop units
+    # inverted dropout: each kept activation is scaled by 1 / (1 - p), so the mean is unchanged
+    x = torch.ones(200_000)
+    model.train().dropout_generator = torch.Generator().manual_seed(0)
+    dropped = model._drop(x)
+    assert set(dropped.unique().tolist()) == {0.0, 2.0}
+    assert abs(dropped.mean().item() - 1.0) < 0.01

@@ -8,7 +8,7 @@ import yaml
 
 from conftest import REPO
 from pipeline.common import PipelineError
-from pipeline.params import SPECS, load_params, validate
+from pipeline.params import LABELS, MODEL_NAMES, SPECS, load_params, model_section, trained_models, validate
 
 REPO_PARAMS = REPO / "params.yaml"
 
@@ -20,7 +20,7 @@ def base() -> dict:
 
 
 def with_(base: dict, **changes) -> dict:
-    """A copy of base with keys replaced; 'mlp.lr' replaces lr inside the mlp section."""
+    """A copy of base with keys replaced; 'gmf.lr' replaces lr inside the gmf section, 'lr' the top-level key."""
     raw = copy.deepcopy(base)
     for key, value in changes.items():
         section, _, field = key.rpartition(".")
@@ -29,7 +29,7 @@ def with_(base: dict, **changes) -> dict:
 
 
 def pick(params: dict, key: str):
-    """params['mlp']['lr'] for 'mlp.lr'."""
+    """params['gmf']['lr'] for 'gmf.lr', params['lr'] for 'lr'."""
     section, _, field = key.rpartition(".")
     return (params[section] if section else params)[field]
 
@@ -38,22 +38,24 @@ def test_repository_params_validate(base):
     params = load_params(REPO_PARAMS)
     assert set(params) == set(SPECS)
     assert params == validate(base)
-    assert isinstance(params["mlp"]["lr"], float) and isinstance(params["seed"], int)
-    layers = params["mlp"]["layers"]
+    assert isinstance(params["lr"], float) and isinstance(params["seed"], int)
+    assert isinstance(params["gmf"]["lr"], float) and isinstance(params["candidate_seed"], int)
+    assert isinstance(params["refit"], bool)
+    layers = params["layers"]
     assert isinstance(layers, list) and all(isinstance(v, int) for v in layers) and layers[0] % 2 == 0
     assert params["topK"] <= params["test_negatives"] + 1
 
 
-NUMERIC = ("seed", "mlp.layers", "mlp.lr", "mlp.weight_decay", "mlp.dropout", "mlp.batch_size", "mlp.epochs",
-           "mlp.negatives", "test_negatives", "topK")
+NUMERIC = ("seed", "layers", "lr", "weight_decay", "dropout", "batch_size", "epochs",
+           "negatives", "test_negatives", "topK")
 
 
 def test_validate_returns_a_copy_with_the_same_values(base):
-    values = {"seed": 3, "mlp.layers": [8, 4], "mlp.lr": 0.5, "mlp.weight_decay": 1, "mlp.dropout": 0,
-              "mlp.batch_size": 1, "mlp.epochs": 1, "mlp.negatives": 1, "test_negatives": 1, "topK": 2}
+    values = {"seed": 3, "layers": [8, 4], "lr": 0.5, "weight_decay": 1, "dropout": 0,
+              "batch_size": 1, "epochs": 1, "negatives": 1, "test_negatives": 1, "topK": 2}
     params = {k: pick(validate(with_(base, **values)), k) for k in NUMERIC}
-    assert params == {**values, "mlp.weight_decay": 1.0, "mlp.dropout": 0.0}
-    assert type(params["mlp.weight_decay"]) is float and type(params["mlp.dropout"]) is float
+    assert params == {**values, "weight_decay": 1.0, "dropout": 0.0}
+    assert type(params["weight_decay"]) is float and type(params["dropout"]) is float
 
 
 # --- conversions of the strings DVC writes -------------------------------------------------------
@@ -61,19 +63,19 @@ def test_validate_returns_a_copy_with_the_same_values(base):
 @pytest.mark.parametrize(
     "key, value, expected",
     [
-        ("mlp.lr", "1e-05", 1e-05),
-        ("mlp.lr", " 0.5 ", 0.5),
-        ("mlp.lr", 1, 1.0),
-        ("mlp.weight_decay", "0", 0.0),
-        ("mlp.dropout", "0.25", 0.25),
-        ("mlp.negatives", "8", 8),
-        ("mlp.epochs", "3", 3),
+        ("lr", "1e-05", 1e-05),
+        ("lr", " 0.5 ", 0.5),
+        ("lr", 1, 1.0),
+        ("weight_decay", "0", 0.0),
+        ("dropout", "0.25", 0.25),
+        ("negatives", "8", 8),
+        ("epochs", "3", 3),
         ("seed", "0", 0),
         ("seed", 2**32 - 1, 2**32 - 1),
-        ("mlp.layers", "[64,32,16,8]", [64, 32, 16, 8]),
-        ("mlp.layers", "[8, 4]", [8, 4]),
-        ("mlp.layers", ["16", 8], [16, 8]),
-        ("mlp.layers", [2], [2]),
+        ("layers", "[64,32,16,8]", [64, 32, 16, 8]),
+        ("layers", "[8, 4]", [8, 4]),
+        ("layers", ["16", 8], [16, 8]),
+        ("layers", [2], [2]),
     ],
 )
 def test_conversions(base, key, value, expected):
@@ -83,16 +85,19 @@ def test_conversions(base, key, value, expected):
 
 
 def test_dvc_style_params_file(tmp_path, base):
-    """What `dvc exp run -S mlp.lr=0.00001 -S mlp.negatives=8` can leave in params.yaml."""
+    """What `dvc exp run -S lr=0.00001 -S negatives=8 -S gmf.lr=0.00002` can leave in params.yaml."""
     raw = with_(base)
-    raw["mlp"] = {k: v for k, v in raw["mlp"].items() if k not in ("lr", "negatives")}
-    text = yaml.safe_dump(raw).replace("mlp:\n", "mlp:\n  lr: 1e-05\n  negatives: '8'\n")
+    del raw["lr"], raw["negatives"]
+    raw["gmf"] = {k: v for k, v in raw["gmf"].items() if k != "lr"}
+    text = "lr: 1e-05\nnegatives: '8'\n" + yaml.safe_dump(raw).replace("gmf:\n", "gmf:\n  lr: 2e-05\n")
     path = tmp_path / "params.yaml"
     path.write_text(text, encoding="utf-8")
-    assert yaml.safe_load(text)["mlp"]["lr"] == "1e-05"  # PyYAML reads this as a string
+    assert yaml.safe_load(text)["lr"] == "1e-05"  # PyYAML reads this as a string
+    assert yaml.safe_load(text)["gmf"]["lr"] == "2e-05"
     params = load_params(path)
-    assert params["mlp"]["lr"] == 1e-05 and type(params["mlp"]["lr"]) is float
-    assert params["mlp"]["negatives"] == 8 and type(params["mlp"]["negatives"]) is int
+    assert params["lr"] == 1e-05 and type(params["lr"]) is float
+    assert params["negatives"] == 8 and type(params["negatives"]) is int
+    assert params["gmf"]["lr"] == 2e-05 and type(params["gmf"]["lr"]) is float
 
 
 # --- bad values: the message names the key -------------------------------------------------------
@@ -101,37 +106,37 @@ def test_dvc_style_params_file(tmp_path, base):
     "key, value",
     [
         # wrong type
-        ("mlp.lr", "abc"),
-        ("mlp.lr", None),
-        ("mlp.lr", True),
-        ("mlp.lr", float("nan")),
-        ("mlp.lr", float("inf")),
-        ("mlp.epochs", 2.5),
-        ("mlp.epochs", "2.5"),
-        ("mlp.batch_size", True),
+        ("lr", "abc"),
+        ("lr", None),
+        ("lr", True),
+        ("lr", float("nan")),
+        ("lr", float("inf")),
+        ("epochs", 2.5),
+        ("epochs", "2.5"),
+        ("batch_size", True),
         ("seed", [1]),
-        ("mlp.layers", [64, "x"]),
-        ("mlp.layers", [64, 32.5]),
-        ("mlp.layers", []),
-        ("mlp.layers", 64),
-        ("mlp.layers", "abc"),
+        ("layers", [64, "x"]),
+        ("layers", [64, 32.5]),
+        ("layers", []),
+        ("layers", 64),
+        ("layers", "abc"),
         # out of range
-        ("mlp.lr", 0),
-        ("mlp.lr", 2),
-        ("mlp.lr", -0.1),
-        ("mlp.weight_decay", -0.01),
-        ("mlp.weight_decay", 1.5),
-        ("mlp.dropout", 1.0),
-        ("mlp.dropout", -0.1),
-        ("mlp.negatives", 0),
-        ("mlp.epochs", 0),
-        ("mlp.batch_size", 0),
+        ("lr", 0),
+        ("lr", 2),
+        ("lr", -0.1),
+        ("weight_decay", -0.01),
+        ("weight_decay", 1.5),
+        ("dropout", 1.0),
+        ("dropout", -0.1),
+        ("negatives", 0),
+        ("epochs", 0),
+        ("batch_size", 0),
         ("test_negatives", 0),
         ("topK", 0),
         ("seed", -1),
         ("seed", 2**32),
-        ("mlp.layers", [64, 0]),
-        ("mlp.layers", [64, -8]),
+        ("layers", [64, 0]),
+        ("layers", [64, -8]),
     ],
 )
 def test_bad_value_names_the_key(base, key, value):
@@ -140,30 +145,30 @@ def test_bad_value_names_the_key(base, key, value):
     assert f"'{key}'" in str(info.value)
 
 
-@pytest.mark.parametrize("key, value, shown", [("mlp.lr", "abc", "'abc'"), ("mlp.dropout", 1.0, "1.0"),
+@pytest.mark.parametrize("key, value, shown", [("lr", "abc", "'abc'"), ("dropout", 1.0, "1.0"),
                                                ("seed", -1, "-1")])
 def test_bad_value_message_shows_the_value_and_range(base, key, value, shown):
     with pytest.raises(PipelineError) as info:
         validate(with_(base, **{key: value}))
     message = str(info.value)
     assert shown in message
-    assert {"mlp.lr": "(0, 1]", "mlp.dropout": "[0, 1)", "seed": "[0, 4294967295]"}[key] in message
+    assert {"lr": "(0, 1]", "dropout": "[0, 1)", "seed": "[0, 4294967295]"}[key] in message
 
 
-@pytest.mark.parametrize("key, value", [("mlp.lr", 1.0), ("mlp.dropout", 0.0), ("mlp.weight_decay", 1.0),
-                                        ("mlp.weight_decay", 0.0), ("seed", 0), ("mlp.negatives", 1000)])
+@pytest.mark.parametrize("key, value", [("lr", 1.0), ("dropout", 0.0), ("weight_decay", 1.0),
+                                        ("weight_decay", 0.0), ("seed", 0), ("negatives", 1000)])
 def test_range_boundaries_that_are_allowed(base, key, value):
     assert pick(validate(with_(base, **{key: value})), key) == value
 
 
 @pytest.mark.parametrize("layers", [[63, 32], [7], "[9, 4]"])
 def test_odd_first_layer(base, layers):
-    with pytest.raises(PipelineError, match="'mlp.layers'.*even"):
-        validate(with_(base, **{"mlp.layers": layers}))
+    with pytest.raises(PipelineError, match="'layers' first entry must be even"):
+        validate(with_(base, **{"layers": layers}))
 
 
 def test_odd_later_layers_are_fine(base):
-    assert validate(with_(base, **{"mlp.layers": [8, 5, 3]}))["mlp"]["layers"] == [8, 5, 3]
+    assert validate(with_(base, **{"layers": [8, 5, 3]}))["layers"] == [8, 5, 3]
 
 
 def test_topk_larger_than_candidate_list(base):
@@ -236,6 +241,147 @@ def test_load_params_error_names_the_file_for_cross_key_rules(tmp_path, base):
 
 def test_load_params_error_names_the_file_for_bad_values(tmp_path, base):
     path = tmp_path / "other.yaml"
-    path.write_text(yaml.safe_dump(with_(base, **{"mlp.lr": "abc"})), encoding="utf-8")
-    with pytest.raises(PipelineError, match="other.yaml.*'mlp.lr'"):
+    path.write_text(yaml.safe_dump(with_(base, **{"lr": "abc"})), encoding="utf-8")
+    with pytest.raises(PipelineError, match="other.yaml.*'lr'"):
         load_params(path)
+
+
+# --- the models' sections, `models`, `fused` and the keys they replaced -----------------------------
+
+@pytest.mark.parametrize("key, value", [("gmf.lr", 0), ("gmf.factors", 0), ("mf.epochs", 0), ("mf.negatives", "x"),
+                                        ("ease.lambda", 0), ("ease.lambda", -1.0), ("neumf.dropout", 1.0),
+                                        ("neumf.batch_size", 0), ("neumf.weight_decay", 2)])
+def test_bad_section_field_names_the_dotted_key(base, key, value):
+    with pytest.raises(PipelineError) as info:
+        validate(with_(base, **{key: value}))
+    assert f"'{key}'" in str(info.value)
+
+
+def test_section_fields_convert_like_top_level_keys(base):
+    params = validate(with_(base, **{"gmf.lr": "1e-05", "mf.factors": "16", "ease.lambda": "50",
+                                     "neumf.dropout": "0.25"}))
+    assert params["gmf"]["lr"] == 1e-05 and type(params["gmf"]["lr"]) is float
+    assert params["mf"]["factors"] == 16 and type(params["mf"]["factors"]) is int
+    assert params["ease"]["lambda"] == 50.0 and type(params["ease"]["lambda"]) is float
+    assert params["neumf"]["dropout"] == 0.25
+
+
+def test_neumf_section_has_only_its_training_knobs(base):
+    params = validate(base)
+    assert set(params["neumf"]) == {"dropout", "lr", "weight_decay", "epochs", "batch_size", "negatives"}
+    for old in ("factors", "layers", "pretrain"):  # NeuMF is always built from the GMF and MLP checkpoints
+        raw = with_(base)
+        raw["neumf"] = {**raw["neumf"], old: 8}
+        with pytest.raises(PipelineError, match=f"unknown key.*'neumf.{old}'"):
+            validate(raw)
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("models", "[gmf, ease]", ["gmf", "ease"]),
+    ("models", [], []),
+    ("models", None, []),
+    ("models", "[]", []),
+    ("models", ["ease", "mf", "gmf"], ["ease", "mf", "gmf"]),
+    ("fused", [], []),
+    ("fused", "[neumf]", ["neumf"]),
+])
+def test_model_lists_convert(base, key, value, expected):
+    raw = with_(base, fused=[], recommend_model="mlp")  # any `models` may go without NeuMF
+    assert validate(with_(raw, **{key: value}))[key] == expected
+
+
+@pytest.mark.parametrize("key, value", [
+    ("models", ["gmf", "gmf"]), ("models", ["svd"]), ("models", ["neumf"]), ("models", "gmf"), ("models", 3),
+    ("fused", ["gmf"]), ("fused", ["neumf", "neumf"]), ("fused", "neumf"),
+])
+def test_bad_model_lists_name_the_key(base, key, value):
+    with pytest.raises(PipelineError) as info:
+        validate(with_(base, **{key: value}))
+    assert f"'{key}'" in str(info.value)
+
+
+@pytest.mark.parametrize("key", ["models", "fused"])
+@pytest.mark.parametrize("core", ["itempop", "mlp"])
+def test_core_models_in_the_lists_name_their_stage(base, key, core):
+    with pytest.raises(PipelineError) as info:
+        validate(with_(base, **{key: [*base[key], core]}))
+    message = str(info.value)
+    assert f"'{key}'" in message and f"'{core}'" in message and f"train_{core}" in message
+
+
+def test_fused_neumf_needs_gmf(base):
+    raw = with_(base, models=["mf", "ease"], fused=["neumf"], recommend_model="ease")
+    with pytest.raises(PipelineError) as info:
+        validate(raw)
+    message = str(info.value)
+    assert "'neumf'" in message and "'gmf'" in message and "'models'" in message
+    assert validate(with_(raw, fused=[]))["fused"] == []  # without NeuMF, GMF is not needed
+    assert validate(with_(raw, models=["gmf", "ease"]))["models"] == ["gmf", "ease"]
+
+
+def test_recommend_model_must_be_trained(base):
+    raw = with_(base, models=["gmf"], fused=[], recommend_model="ease")
+    with pytest.raises(PipelineError) as info:
+        validate(raw)
+    assert "'recommend_model'" in str(info.value) and "'ease'" in str(info.value)
+    with pytest.raises(PipelineError, match="recommend_model"):
+        validate(with_(raw, recommend_model="neumf"))
+    for name in ("itempop", "mlp", "gmf"):  # always trained, or listed
+        assert validate(with_(raw, recommend_model=name))["recommend_model"] == name
+    assert validate(with_(base, models=[], fused=[], recommend_model="mlp"))["models"] == []
+
+
+def test_trained_models_in_stage_order(base):
+    assert trained_models(validate(base)) == ["itempop", "mlp", *base["models"], *base["fused"]]
+    params = validate(with_(base, models=["ease", "gmf"], fused=[], recommend_model="gmf"))
+    assert trained_models(params) == ["itempop", "mlp", "ease", "gmf"]
+    params = validate(with_(base, models=[], fused=[], recommend_model="itempop"))
+    assert trained_models(params) == ["itempop", "mlp"]
+
+
+def test_model_section(base):
+    params = validate(with_(base, lr=0.25, layers=[8, 4], dropout=0.5, **{"gmf.lr": 0.125}))
+    assert model_section(params, "mlp") == {"layers": [8, 4], "dropout": 0.5, "lr": 0.25,
+                                            "weight_decay": params["weight_decay"], "epochs": params["epochs"],
+                                            "batch_size": params["batch_size"], "negatives": params["negatives"]}
+    assert model_section(params, "gmf") == params["gmf"] and params["gmf"]["lr"] == 0.125
+    assert model_section(params, "ease") == {"lambda": params["ease"]["lambda"]}
+    assert model_section(params, "neumf") == params["neumf"]
+    assert model_section(params, "itempop") == {}
+
+
+def test_every_model_has_a_label():
+    assert set(LABELS) == set(MODEL_NAMES) == {"itempop", "mlp", "gmf", "mf", "ease", "neumf"}
+    assert LABELS["mlp"] == "MLP" and LABELS["neumf"] == "NeuMF" and LABELS["itempop"] == "ItemPop"
+
+
+@pytest.mark.parametrize("old, says", [
+    ("mlp", "top-level keys"),
+    ("itempop", "train_itempop"),
+])
+def test_old_sections_say_what_replaced_them(base, old, says):
+    raw = with_(base)
+    raw[old] = {"lr": 0.01} if old == "mlp" else {}
+    with pytest.raises(PipelineError) as info:
+        validate(raw)
+    message = str(info.value)
+    assert f"unknown key(s) '{old}'" in message and says in message
+    if old == "mlp":
+        assert "lr" in message and "layers" in message
+
+
+@pytest.mark.parametrize("value, expected", [(True, True), (False, False), ("true", True), ("False", False)])
+def test_refit_is_a_bool(base, value, expected):
+    assert validate(with_(base, refit=value))["refit"] is expected
+
+
+@pytest.mark.parametrize("key, value", [("refit", 1), ("refit", "yes"), ("refit", None),
+                                        ("candidate_seed", -1), ("candidate_seed", 2**32), ("candidate_seed", "x")])
+def test_bad_refit_and_candidate_seed(base, key, value):
+    with pytest.raises(PipelineError, match=f"'{key}'"):
+        validate(with_(base, **{key: value}))
+
+
+def test_candidate_seed_is_independent_of_seed(base):
+    params = validate(with_(base, seed=1, candidate_seed="7"))
+    assert (params["seed"], params["candidate_seed"]) == (1, 7)

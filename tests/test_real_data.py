@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-MODELS = ["itempop", "mlp", "ease"]
+MODELS = ["itempop", "mlp", "ease"]  # itempop and mlp always train; `models` adds ease
 EASE_HR = (0.58, 0.67)  # closed form, no training noise: 0.622 with the default lambda
 
 
@@ -30,9 +30,9 @@ def commands(params: dict) -> list[tuple[str, list[str]]]:
     found = []
     for name, stage in stages.items():
         if "foreach" in stage:
-            assert stage["foreach"] == "${models}", stage
+            assert stage["foreach"] in ("${models}", "${fused}"), stage
             found += [(f"{name}@{item}", shlex.split(stage["do"]["cmd"].replace("${item}", item)))
-                      for item in params["models"]]
+                      for item in params[stage["foreach"][2:-1]]]
         else:
             found.append((name, shlex.split(stage["cmd"])))
     assert all("${" not in arg for _, argv in found for arg in argv), found
@@ -41,8 +41,8 @@ def commands(params: dict) -> list[tuple[str, list[str]]]:
 
 def test_pipeline_on_ml100k(tmp_path: Path) -> None:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["models"] = MODELS
-    params["mlp"]["epochs"] = 3
+    params["models"], params["fused"] = ["ease"], []
+    params["epochs"] = 3  # the MLP's
     if params.get("recommend_model") not in (None, *MODELS):
         params["recommend_model"] = "ease"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -55,7 +55,8 @@ def test_pipeline_on_ml100k(tmp_path: Path) -> None:
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, f"stage {name} failed:\n{proc.stderr}"
         ran.append(name)
-    assert {"train@itempop", "train@mlp", "train@ease", "evaluate"} <= set(ran), ran
+    assert {"train_itempop", "train_mlp", "train@ease", "evaluate", "recommend", "report"} <= set(ran), ran
+    assert not any(name.startswith("fuse@") for name in ran)
 
     from pipeline.data import load_split
     split = load_split(tmp_path / "data/prepared")
@@ -78,3 +79,14 @@ def test_pipeline_on_ml100k(tmp_path: Path) -> None:
         assert curve.shape == (20, 2) and np.all(np.diff(curve[:, 1]) >= 0)
         assert curve[9, 1] == pytest.approx(metrics[model]["hr"], abs=1e-6)
     assert len((tmp_path / "metrics/training/mlp.csv").read_text().splitlines()) == 1 + 3
+    summary = json.loads((tmp_path / "metrics/training/mlp.json").read_text())
+    assert 1 <= summary["best_epoch"] <= 3 and summary["refit"] is params["refit"]
+    for model in MODELS:
+        assert (tmp_path / f"data/models/{model}.pt").is_file()
+        assert (tmp_path / f"data/models/{model}.trainonly.pt").is_file()
+    bars = json.loads((tmp_path / "metrics/intervals.json").read_text())
+    assert bars["users"] == 943 and list(bars["models"]) == MODELS
+    for model in MODELS:
+        hr = bars["models"][model]["sampled"]["hr"]
+        assert hr["mean"] == metrics[model]["hr"] and 0.02 < hr["hi"] - hr["lo"] < 0.08  # about ± 0.03 at 943 users
+    assert bars["models"]["ease"]["sampled"]["vs_itempop"]["hr"]["verdict"] == "higher at 95%"

@@ -12,10 +12,10 @@ from conftest import REPO, set_params, stage, user_error
 from pipeline.data import load_id_maps, load_split
 from pipeline.recommend import split_year, top_n
 
-MODELS = ["itempop", "mlp", "ease"]
-TINY = {"models": MODELS, "recommend_model": "ease", "recommend_n": 7,
-        "mlp": {"layers": [16, 8], "dropout": 0.0, "lr": 0.01, "weight_decay": 0.0, "epochs": 2,
-                "batch_size": 64, "negatives": 2}}
+MODELS = ["itempop", "mlp", "ease"]  # trained: the two that always are, and `models`
+TINY = {"models": ["ease"], "fused": [], "recommend_model": "ease", "recommend_n": 7,
+        "layers": [16, 8], "dropout": 0.0, "lr": 0.01, "weight_decay": 0.0, "epochs": 2,  # the MLP's
+        "batch_size": 64, "negatives": 2}
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +27,9 @@ def built(tmp_path_factory, tiny_mirror) -> Path:
     env = {"MOVIELENS_MIRROR": str(tiny_mirror), "MOVIELENS_SKIP_VERIFY": "1"}
     steps = [("download", ["data/raw"]), ("build_matrix", ["data/raw", "data/prepared"]),
              ("sample_negatives", ["data/prepared", "data/candidates"])]
-    steps += [("train", [m, "data/prepared", "data/candidates", f"data/models/{m}.pt", f"metrics/training/{m}.csv",
-                         f"metrics/training/{m}.json"]) for m in MODELS]
+    steps += [("train", [m, "data/prepared", "data/candidates", "data/models", "metrics/training"]) for m in MODELS]
     steps += [("evaluate", ["data/prepared", "data/candidates", "data/models", "metrics/test.json",
-                            "metrics/hr_at_k"]),
+                            "metrics/intervals.json", "metrics/hr_at_k", "data/ranks.npz"]),
               ("recommend", ["data/prepared", "data/models", "data/recommendations.csv"]),
               ("report", ["data/prepared", "data/recommendations.csv", "metrics", "metrics/report.md"])]
     for module, args in steps:
@@ -101,15 +100,28 @@ def test_recommend_model_must_be_trained(built: Path, tmp_path: Path) -> None:
     set_params(tmp_path, recommend_model="gmf")
     err = user_error(stage("recommend", str(built / "data/prepared"), str(built / "data/models"), "r.csv",
                            cwd=tmp_path))
-    assert "'recommend_model' is 'gmf', which is not in 'models'" in err
+    assert "'recommend_model' is 'gmf', which is not trained (itempop, mlp, ease)" in err
 
 
 def test_report_has_every_model_and_the_charts(built: Path) -> None:
     report = (built / "metrics/report.md").read_text()
     metrics = json.loads((built / "metrics/test.json").read_text())
+    bars = json.loads((built / "metrics/intervals.json").read_text())
+    assert list(metrics) == ["k", *MODELS] and set(bars["models"]) == set(MODELS)
     for name, label in [("itempop", "ItemPop"), ("mlp", "MLP"), ("ease", "EASE")]:
         row = next(line for line in report.splitlines() if line.startswith(f"| {label} |"))
-        assert f"{metrics[name]['hr']:.4f}" in row and f"{metrics[name]['full']['hr']:.4f}" in row
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        entry = bars["models"][name]
+        expected = [f"{m['mean']:.3f} ± {(m['hi'] - m['lo']) / 2:.3f}"
+                    for m in (entry[p][metric] for p in ("sampled", "full") for metric in ("hr", "ndcg", "mrr"))]
+        assert cells[1:7] == expected
+        assert cells[1].startswith(f"{metrics[name]['hr']:.3f} ± ")
+        assert cells[4].startswith(f"{metrics[name]['full']['hr']:.3f} ± ")
+        summary = json.loads((built / f"metrics/training/{name}.json").read_text())
+        assert cells[7] == f"{summary['val_hr']:.4f} ({summary['best_epoch']})"
+    assert "## Which differences are real" in report and "refitted on train + validation" in report
+    for label in ("ItemPop", "MLP", "EASE"):  # a row per model in each protocol's significance table
+        assert sum(line.startswith(f"| {label} | ") for line in report.splitlines()) == 3
     assert "![Training curves](plots/training.png)" in report and "![Test HR@K](plots/hr_at_k.png)" in report
     assert report.count("### User ") == 3
     for png in ("training.png", "hr_at_k.png"):

@@ -90,6 +90,27 @@ def test_train_matrix_values_and_no_leak(small):
     assert split.train.has_sorted_indices
 
 
+def test_train_and_val_and_all_interactions(small):
+    """train_and_val: what a refitted model learns from (everything before each test item)."""
+    _, split, users_df, items_df = small
+    before = split.train.copy()
+    both, everything = split.train_and_val(), split.all_interactions()
+    for matrix in (both, everything):
+        assert matrix.shape == split.train.shape and matrix.has_sorted_indices
+        assert set(matrix.data.tolist()) == {1.0}
+    np.testing.assert_array_equal(both.toarray(), split.train.toarray() + np.array([
+        [0, 0, 0, 0, 1],  # user 5: validation movie 500
+        [0, 0, 0, 0, 0],  # user 7: none
+        [0, 1, 0, 0, 0],  # user 10: validation movie 200
+        [0, 0, 0, 1, 0],  # user 20: validation movie 400
+    ]))
+    assert both.nnz == split.train.nnz + len(split.val_users)
+    assert both[split.test_users, split.test_items].sum() == 0  # never the test item
+    assert everything.nnz == both.nnz + len(split.test_users)
+    assert everything[split.test_users, split.test_items].sum() == len(split.test_users)
+    assert (before != split.train).nnz == 0  # the train matrix is left alone
+
+
 def test_duplicate_pair_kept_once_at_latest_timestamp():
     # movie 1 rated at t=1 and t=100: at t=100 it is the latest, so it is the test item
     df = ratings_frame([(1, 1, 5, 1), (1, 2, 5, 50), (1, 3, 5, 60), (1, 1, 2, 100)])

@@ -52,27 +52,34 @@ def test_sample_negatives_names_users_with_too_few_items(prepared: Path) -> None
     assert not (prepared / "data/candidates").exists()
 
 
-def test_sample_negatives_output_is_seeded(prepared: Path) -> None:
+def test_sample_negatives_output_is_seeded_by_candidate_seed(prepared: Path) -> None:
     assert stage("sample_negatives", "data/prepared", "data/a", cwd=prepared).returncode == 0
     assert stage("sample_negatives", "data/prepared", "data/b", cwd=prepared).returncode == 0
-    set_params(prepared, seed=1)
+    set_params(prepared, seed=1)  # the training seed: the same candidates (dvc.yaml does not rerun the stage)
     assert stage("sample_negatives", "data/prepared", "data/c", cwd=prepared).returncode == 0
-    a, b, c = ((prepared / f"data/{x}/test.npz").read_bytes() for x in "abc")
-    assert a == b and a != c
+    set_params(prepared, seed=42, candidate_seed=1)
+    assert stage("sample_negatives", "data/prepared", "data/d", cwd=prepared).returncode == 0
+    for name in ("val.npz", "test.npz"):
+        a, b, c, d = ((prepared / f"data/{x}/{name}").read_bytes() for x in "abcd")
+        assert a == b == c and a != d
+
+
+TRAIN_ARGS = ("data/prepared", "data/candidates", "data/models", "metrics/training")
 
 
 def train(model: str, cwd: Path) -> None:
-    """Run stage train@<model> as dvc.yaml does."""
-    proc = stage("train", model, "data/prepared", "data/candidates", f"data/models/{model}.pt",
-                 f"metrics/training/{model}.csv", f"metrics/training/{model}.json", cwd=cwd)
+    """Run stage train_<model>, train@<model> or fuse@<model> as dvc.yaml does."""
+    proc = stage("train", model, *TRAIN_ARGS, cwd=cwd)
     assert proc.returncode == 0, proc.stderr
 
 
-EVALUATE_ARGS = ("data/prepared", "data/candidates", "data/models", "metrics/test.json", "metrics/hr_at_k")
+EVALUATE_ARGS = ("data/prepared", "data/candidates", "data/models", "metrics/test.json", "metrics/intervals.json",
+                 "metrics/hr_at_k", "data/ranks.npz")
 
 
-@pytest.mark.parametrize("key, value", [("mlp.lr", "fast"), ("mlp.layers", [63, 8]), ("neumf.layers", [63, 8]),
-                                        ("topK", 500), ("typo_key", 1)])
+@pytest.mark.parametrize("key, value", [("lr", "fast"), ("layers", [63, 8]), ("neumf.layers", [16, 8]),
+                                        ("topK", 500), ("typo_key", 1), ("candidate_seed", -1), ("models", ["mlp"]),
+                                        ("refit", "sometimes")])
 def test_bad_params_stop_the_stage_naming_the_key(prepared: Path, key: str, value) -> None:
     set_params(prepared, **{key: value})
     err = user_error(stage("sample_negatives", "data/prepared", "data/candidates", cwd=prepared))
@@ -90,7 +97,7 @@ def test_evaluate_rejects_a_file_that_is_not_a_checkpoint(prepared: Path) -> Non
     assert not (prepared / "metrics/test.json").exists()
     torch.save({"weight": torch.zeros(2)}, prepared / "data/models/mlp.pt")
     err = user_error(stage("evaluate", *EVALUATE_ARGS, cwd=prepared))
-    assert "data/models/mlp.pt" in err and "not an MLP state_dict" in err
+    assert "data/models/mlp.pt" in err and "not a valid mlp checkpoint" in err and "not an MLP state_dict" in err
     assert not (prepared / "metrics/test.json").exists()
     torch.save({"weight": torch.zeros(2)}, prepared / "data/models/itempop.pt")  # no "counts"
     err = user_error(stage("evaluate", *EVALUATE_ARGS, cwd=prepared))
@@ -99,26 +106,99 @@ def test_evaluate_rejects_a_file_that_is_not_a_checkpoint(prepared: Path) -> Non
     err = user_error(stage("evaluate", *EVALUATE_ARGS, cwd=prepared))
     assert "data/models/itempop.pt: not found" in err and "dvc repro" in err
     assert not (prepared / "metrics/test.json").exists() and not (prepared / "metrics/hr_at_k").exists()
+    assert not (prepared / "metrics/intervals.json").exists() and not (prepared / "data/ranks.npz").exists()
 
 
-def test_itempop_counts_train_interactions(prepared: Path) -> None:
+@pytest.mark.parametrize("refit", [True, False])
+def test_itempop_counts_train_interactions(prepared: Path, refit: bool) -> None:
     from pipeline.data import load_split
+    set_params(prepared, refit=refit)
     assert stage("sample_negatives", "data/prepared", "data/candidates", cwd=prepared).returncode == 0
     train("itempop", prepared)
     state = torch.load(prepared / "data/models/itempop.pt", weights_only=True)
-    assert set(state) == {"counts"}
+    train_only = torch.load(prepared / "data/models/itempop.trainonly.pt", weights_only=True)
+    assert set(state) == set(train_only) == {"counts"}
     split = load_split(prepared / "data/prepared")
-    assert state["counts"].tolist() == np.asarray(split.train.sum(axis=0)).ravel().astype(int).tolist()
+    assert train_only["counts"].tolist() == np.asarray(split.train.sum(axis=0)).ravel().astype(int).tolist()
+    seen = split.train_and_val() if refit else split.train  # the test-time model: train + validation
+    assert state["counts"].tolist() == np.asarray(seen.sum(axis=0)).ravel().astype(int).tolist()
+    assert int(state["counts"].sum()) == split.train.nnz + (len(split.val_users) if refit else 0)
     curve = (prepared / "metrics/training/itempop.csv").read_text().splitlines()
     assert curve[0] == "epoch,loss,val_hr,val_ndcg" and len(curve) == 2 and curve[1].startswith("1,,")
-    assert json.loads((prepared / "metrics/training/itempop.json").read_text())["best_epoch"] == 1
+    summary = json.loads((prepared / "metrics/training/itempop.json").read_text())
+    val_hr, val_ndcg = (float(v) for v in curve[1].split(",")[2:])
+    assert summary == {"best_epoch": 1, "val_hr": round(val_hr, 6), "val_ndcg": round(val_ndcg, 6), "refit": refit}
+    assert 0 < summary["val_hr"] < 1
 
 
 def test_ease_saves_its_item_weights(prepared: Path) -> None:
     from pipeline.data import load_split
     assert stage("sample_negatives", "data/prepared", "data/candidates", cwd=prepared).returncode == 0
     train("ease", prepared)
+    from pipeline.models import EASE
     state = torch.load(prepared / "data/models/ease.pt", weights_only=True)
-    n_items = load_split(prepared / "data/prepared").n_items
+    train_only = torch.load(prepared / "data/models/ease.trainonly.pt", weights_only=True)
+    split = load_split(prepared / "data/prepared")
+    n_items = split.n_items
     assert set(state) == {"weights"} and state["weights"].shape == (n_items, n_items)
     assert torch.all(state["weights"].diagonal() == 0)
+    lam = 200.0  # the repository's ease.lambda
+    assert torch.equal(train_only["weights"], EASE.weights_for(split.train, lam))
+    assert torch.equal(state["weights"], EASE.weights_for(split.train_and_val(), lam))  # refit: on
+
+
+def test_mlp_stage_then_evaluate(prepared: Path) -> None:
+    """train_mlp and train_itempop as dvc.yaml runs them, then evaluate: every output, consistent."""
+    from pipeline.data import load_candidates, load_split
+    from pipeline.models import MLP
+    from pipeline.training import evaluate_ranking
+    set_models(prepared, ["itempop", "mlp"])
+    set_params(prepared, epochs=3, layers=[16, 8], batch_size=256)
+    assert stage("sample_negatives", "data/prepared", "data/candidates", cwd=prepared).returncode == 0
+    train("itempop", prepared)
+    train("mlp", prepared)
+    models = prepared / "data/models"
+    assert sorted(p.name for p in models.iterdir()) == ["itempop.pt", "itempop.trainonly.pt", "mlp.pt",
+                                                        "mlp.trainonly.pt"]
+    summary = json.loads((prepared / "metrics/training/mlp.json").read_text())
+    assert set(summary) == {"best_epoch", "val_hr", "val_ndcg", "refit"} and summary["refit"] is True
+    curve = (prepared / "metrics/training/mlp.csv").read_text().splitlines()
+    assert len(curve) == 1 + 3
+    row = curve[summary["best_epoch"]].split(",")
+    assert (round(float(row[2]), 6), round(float(row[3]), 6)) == (summary["val_hr"], summary["val_ndcg"])
+    val = load_candidates(prepared / "data/candidates/val.npz")
+    chosen = MLP.from_state_dict(torch.load(models / "mlp.trainonly.pt", weights_only=True))
+    assert evaluate_ranking(chosen, val, 10) == pytest.approx((float(row[2]), float(row[3])), abs=1e-6)
+    refitted = torch.load(models / "mlp.pt", weights_only=True)
+    assert any(not torch.equal(v, chosen.state_dict()[k]) for k, v in refitted.items())
+
+    proc = stage("evaluate", *EVALUATE_ARGS, cwd=prepared)
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((prepared / "metrics/test.json").read_text())
+    assert set(metrics) == {"k", "itempop", "mlp"} and metrics["k"] == 10
+    for name in ("itempop", "mlp"):
+        assert set(metrics[name]) == {"hr", "ndcg", "mrr", "full"}
+        assert set(metrics[name]["full"]) == {"hr", "ndcg", "mrr"}
+        assert 0 <= metrics[name]["ndcg"] <= metrics[name]["hr"] <= 1
+        assert metrics[name]["full"]["hr"] <= metrics[name]["hr"]  # more competitors, fewer hits
+    bars = json.loads((prepared / "metrics/intervals.json").read_text())
+    split = load_split(prepared / "data/prepared")
+    assert bars["users"] == len(split.test_users) and set(bars["models"]) == {"itempop", "mlp"}
+    assert bars["models"]["itempop"]["sampled"]["hr"]["mean"] == metrics["itempop"]["hr"]
+    assert bars["models"]["mlp"]["full"]["ndcg"]["mean"] == metrics["mlp"]["full"]["ndcg"]
+    assert "vs_itempop" in bars["models"]["mlp"]["sampled"]
+    assert sorted(p.name for p in (prepared / "metrics/hr_at_k").iterdir()) == ["itempop.csv", "mlp.csv"]
+    hr_at_k = (prepared / "metrics/hr_at_k/mlp.csv").read_text().splitlines()
+    assert hr_at_k[0] == "k,hr" and len(hr_at_k) == 21
+    assert float(hr_at_k[10].split(",")[1]) == pytest.approx(metrics["mlp"]["hr"], abs=1e-6)
+    with np.load(prepared / "data/ranks.npz") as ranks:
+        assert list(ranks["models"]) == ["itempop", "mlp"]
+        assert np.mean(ranks["mlp/sampled"] < 10) == pytest.approx(metrics["mlp"]["hr"], abs=1e-6)
+        assert np.mean(ranks["itempop/full"] < 10) == pytest.approx(metrics["itempop"]["full"]["hr"], abs=1e-6)
+
+
+def test_neumf_needs_the_gmf_and_mlp_checkpoints(prepared: Path) -> None:
+    assert stage("sample_negatives", "data/prepared", "data/candidates", cwd=prepared).returncode == 0
+    err = user_error(stage("train", "neumf", *TRAIN_ARGS, cwd=prepared))
+    assert "data/models/gmf.trainonly.pt: not found; run `dvc repro` to train gmf" in err
+    assert not (prepared / "data/models/neumf.pt").exists() and not (prepared / "metrics/training").exists()

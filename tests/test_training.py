@@ -1,9 +1,12 @@
-"""The shared training loop (pipeline.training.fit) and the train stage's model builders.
+"""The shared training loop (pipeline.training.fit), its epochs and negatives, the refit beside the
+validation run (fit_and_refit), and the train stage's model builders (pipeline.train).
 
 Toy problem: two user groups, each interacting only with one half of the items. Every neural model
 must learn it (the loss falls, and at the kept epoch each user scores an own-half item it never
 trained on above every item of the other half); the kept state is the earliest best epoch's; runs
 are bit-for-bit reproducible; a NaN or infinite loss stops training with an error naming the epoch.
+An epoch cut into chunks holds the same pairs as one chunk; negatives are uniform over the items a
+user never interacted with; the refit run side by side gives the bytes of a refit run afterwards.
 """
 from __future__ import annotations
 
@@ -16,12 +19,12 @@ import torch
 
 import pipeline.training as training
 from pipeline.common import PipelineError
-from pipeline.data import Candidates
+from pipeline.data import Candidates, Split
 from pipeline.models import EASE, GMF, MF, MLP, MODEL_CLASSES, NeuMF
-from pipeline.sampling import ComplementSampler
-from pipeline.train import train_closed_form, train_neural
-from pipeline.training import (EpochStats, FitConfig, curve_csv, epoch_data, evaluate_ranking, fit, make_optimizer,
-                               pick_device)
+from pipeline.train import build, checkpoint_paths, save_checkpoint, train_closed_form, train_neural
+from pipeline.training import (CHUNK_PAIRS, EpochStats, FitConfig, NegativeSampler, curve_csv, epoch_chunks,
+                               evaluate_ranking, fit, fit_and_refit, make_optimizer, pick_device, positives,
+                               seeded_generator)
 
 N_USERS, N_ITEMS = 40, 30
 HALF = N_ITEMS // 2
@@ -284,24 +287,172 @@ def test_nan_from_the_first_step_names_epoch_one(monkeypatch):
 
 # --- the helpers ---------------------------------------------------------------------------------
 
-def test_epoch_data_pairs_every_interaction_with_fresh_negatives():
+CPU = torch.device("cpu")
+
+
+def one_epoch(train_csr: sp.csr_matrix, negatives: int, chunk_pairs: int, seed: int = 0, burn_in: int = 0
+              ) -> tuple[list[tuple[int, int, float]], list[int]]:
+    """Every (user, item, label) of an epoch (sorted: a multiset) and each chunk's size.
+
+    The generators are seeded alike whatever the chunk size; `burn_in` epochs are drawn first with a
+    huge chunk size, so that the compared epoch starts from generator states other than the seed's."""
+    sampler = NegativeSampler(train_csr, CPU)
+    pos_users, pos_items = positives(train_csr, CPU)
+    order_gen, negative_gen = seeded_generator(seed, 3, CPU), seeded_generator(seed, 2, CPU)
+    for _ in range(burn_in):
+        for _chunk in epoch_chunks(pos_users, pos_items, sampler, negatives, 1 << 40, order_gen, negative_gen):
+            pass
+    chunks = list(epoch_chunks(pos_users, pos_items, sampler, negatives, chunk_pairs, order_gen, negative_gen))
+    for users, items, labels in chunks:
+        assert users.dtype == items.dtype == torch.int64 and labels.dtype == torch.float32
+        assert len(users) == len(items) == len(labels)
+    triples = [(u, i, y) for users, items, labels in chunks
+               for u, i, y in zip(users.tolist(), items.tolist(), labels.tolist())]
+    return sorted(triples), [len(c[0]) for c in chunks]
+
+
+def test_an_epoch_pairs_every_interaction_with_fresh_negatives():
     train_csr, _, _ = planted_problem(20, 16)
-    sampler = ComplementSampler(train_csr)
-    rng = np.random.default_rng(0)
-    users, items, labels = epoch_data(train_csr, sampler, 3, rng)
+    triples, sizes = one_epoch(train_csr, 3, CHUNK_PAIRS)
     n = train_csr.nnz
-    assert users.dtype == items.dtype == torch.int64 and labels.dtype == torch.float32
-    assert len(users) == len(items) == len(labels) == 4 * n
-    assert labels[:n].eq(1).all() and labels[n:].eq(0).all()
+    assert sizes == [4 * n]  # a small epoch: one chunk
+    pos = [(u, i) for u, i, y in triples if y == 1.0]
+    neg = np.array([(u, i) for u, i, y in triples if y == 0.0])
+    assert len(pos) == n and len(neg) == 3 * n and all(y in (0.0, 1.0) for *_, y in triples)
+    assert sorted(pos) == sorted(zip(*(a.tolist() for a in train_csr.nonzero())))  # exactly the train pairs
     dense = train_csr.toarray()
-    u, i = users.numpy(), items.numpy()
-    assert np.all(dense[u[:n], i[:n]] == 1)  # the positives are exactly the train pairs
-    assert sorted(zip(u[:n].tolist(), i[:n].tolist())) == sorted(zip(*train_csr.nonzero()))
-    assert np.all(dense[u[n:], i[n:]] == 0)  # negatives never come from the user's train items
-    np.testing.assert_array_equal(np.bincount(u[n:], minlength=20), 3 * np.diff(train_csr.indptr))
-    # the next epoch draws other negatives
-    _, items2, _ = epoch_data(train_csr, sampler, 3, rng)
-    assert not torch.equal(items2[n:], items[n:])
+    assert np.all(dense[neg[:, 0], neg[:, 1]] == 0)  # negatives never come from the user's train items
+    np.testing.assert_array_equal(np.bincount(neg[:, 0], minlength=20), 3 * np.diff(train_csr.indptr))
+    # the next epoch draws other negatives (the positives are the same)
+    later, _ = one_epoch(train_csr, 3, CHUNK_PAIRS, burn_in=1)
+    assert [t for t in later if t[2] == 1.0] == [t for t in triples if t[2] == 1.0]
+    assert [t for t in later if t[2] == 0.0] != [t for t in triples if t[2] == 0.0]
+
+
+def test_an_epoch_is_shuffled():
+    train_csr, _, _ = planted_problem(20, 16)
+    sampler = NegativeSampler(train_csr, CPU)
+    pos_users, pos_items = positives(train_csr, CPU)
+    (users, _, labels), = epoch_chunks(pos_users, pos_items, sampler, 3, CHUNK_PAIRS, seeded_generator(0, 3, CPU),
+                                       seeded_generator(0, 2, CPU))
+    assert not torch.equal(users, users.sort().values)  # not in user order
+    n = train_csr.nnz
+    assert 0 < labels[:n].sum() < n  # positives are mixed among the negatives, not first
+
+
+@pytest.mark.parametrize("negatives", [1, 3, 7])
+@pytest.mark.parametrize("chunk_pairs", [1, 2, 5, 8, 9, 33, 100])
+@pytest.mark.parametrize("burn_in", [0, 2])
+def test_a_chunked_epoch_holds_the_one_shot_epochs_pairs(negatives, chunk_pairs, burn_in):
+    rng = np.random.default_rng(negatives)
+    train_csr = sp.csr_matrix((rng.random((13, 17)) < 0.35).astype(np.float32))
+    whole, whole_sizes = one_epoch(train_csr, negatives, 1 << 40, seed=5, burn_in=burn_in)
+    chunked, sizes = one_epoch(train_csr, negatives, chunk_pairs, seed=5, burn_in=burn_in)
+    assert whole_sizes == [train_csr.nnz * (1 + negatives)]
+    assert chunked == whole  # the same multiset of (user, item, label)
+    assert max(sizes) <= max(chunk_pairs, 1 + negatives)
+    assert all(size % (1 + negatives) == 0 for size in sizes)  # a positive and its negatives stay together
+    if chunk_pairs < train_csr.nnz:
+        assert len(sizes) > 1
+
+
+def test_negatives_are_uniform_over_the_complement():
+    from scipy.stats import chisquare
+    excluded = sp.csr_matrix(np.array([
+        [1, 1, 0, 0, 0, 0, 0, 1, 0, 0],
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # nothing excluded: all ten items
+        [1, 1, 1, 1, 1, 1, 1, 1, 1, 0],  # one item left
+        [0, 1, 0, 1, 0, 1, 0, 1, 0, 1],
+    ], dtype=np.float32))
+    sampler = NegativeSampler(excluded, CPU)
+    users = torch.tensor([0, 1, 2, 3, 3])
+    draws = sampler.sample(users, 20_000, seeded_generator(0, 2, CPU))
+    assert draws.shape == (5, 20_000) and draws.dtype == torch.int64
+    dense = excluded.toarray()
+    for row, user in enumerate(users.tolist()):
+        allowed = np.flatnonzero(dense[user] == 0)
+        counts = np.bincount(draws[row].numpy(), minlength=10)
+        assert counts[dense[user] == 1].sum() == 0, (user, counts)  # never an excluded item
+        if len(allowed) > 1:
+            assert chisquare(counts[allowed]).pvalue > 1e-4, (user, counts)
+            share = counts[allowed] / counts.sum()
+            assert np.abs(share - 1 / len(allowed)).max() < 0.02  # each allowed item: 1/len(allowed) of the draws
+        else:
+            assert counts[allowed[0]] == 20_000
+
+
+def test_negative_sampler_matches_an_epochs_frequencies():
+    """Over an epoch, a user's negatives spread evenly over the items they never interacted with."""
+    from scipy.stats import chisquare
+    train_csr, _, _ = planted_problem(20, 16)
+    triples, _ = one_epoch(train_csr, 200, CHUNK_PAIRS)
+    dense = train_csr.toarray()
+    for user in (0, 7, 19):
+        items = np.array([i for u, i, y in triples if u == user and y == 0.0])
+        counts = np.bincount(items, minlength=16)
+        assert counts[dense[user] == 1].sum() == 0
+        assert chisquare(counts[dense[user] == 0]).pvalue > 1e-4
+
+
+def test_negative_sampler_refuses_a_user_with_no_negative_item():
+    excluded = sp.csr_matrix(np.array([[1, 0, 1], [1, 1, 1], [0, 0, 0], [1, 1, 1]], dtype=np.float32))
+    with pytest.raises(PipelineError, match=r"user index 1 \(and 1 more\) interacted with every item"):
+        NegativeSampler(excluded, CPU)
+    NegativeSampler(excluded[[0, 2]], CPU)  # the others are fine
+    # duplicates in the CSR count once
+    dup = sp.csr_matrix((np.ones(3, np.float32), ([0, 0, 0], [1, 1, 0])), shape=(1, 3))
+    assert NegativeSampler(dup, CPU).sample(torch.tensor([0]), 50, seeded_generator(0, 2, CPU)).eq(2).all()
+
+
+def test_positives_lists_every_interaction():
+    train_csr, _, _ = planted_problem(20, 16)
+    users, items = positives(train_csr, CPU)
+    assert users.dtype == items.dtype == torch.int64
+    assert list(zip(users.tolist(), items.tolist())) == list(zip(*(a.tolist() for a in train_csr.nonzero())))
+
+
+def test_seeded_generator_streams():
+    def draw(seed, stream):
+        return torch.rand(8, generator=seeded_generator(seed, stream, CPU))
+    assert torch.equal(draw(3, 2), draw(3, 2))
+    assert not torch.equal(draw(3, 2), draw(3, 3)) and not torch.equal(draw(3, 2), draw(4, 2))
+    assert seeded_generator(0, 0, CPU).device == CPU
+
+
+def test_fit_config_from_section():
+    section = {"lr": 0.1, "weight_decay": 0.2, "epochs": 3, "batch_size": 4, "negatives": 5, "factors": 9}
+    cfg = FitConfig.from_section(section, 11, 7)
+    assert cfg == FitConfig(seed=11, lr=0.1, weight_decay=0.2, epochs=3, batch_size=4, negatives=5, topK=7)
+    assert cfg.chunk_pairs == CHUNK_PAIRS
+
+
+def test_fit_without_validation_keeps_the_last_epoch():
+    train_csr, _, _ = planted_problem(20, 16)
+    model = seeded_mlp(0, n_users=20, n_items=16)
+    state, curve, kept = fit(model, train_csr, None, toy_config(0.01, 3))
+    assert kept == 3 and [row.epoch for row in curve] == [1, 2, 3]
+    assert all(math.isnan(row.val_hr) and math.isnan(row.val_ndcg) and math.isfinite(row.loss) for row in curve)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    # on_epoch returning False stops training
+    seen = []
+    model = seeded_mlp(0, n_users=20, n_items=16)
+    state2, curve2, kept2 = fit(model, train_csr, None, toy_config(0.01, 5),
+                                on_epoch=lambda epoch, m, best: seen.append((epoch, best)) or epoch < 2)
+    assert seen == [(1, 1), (2, 2)] and kept2 == 2 and len(curve2) == 2
+    assert [r.loss for r in curve2] == [r.loss for r in curve[:2]]  # the same run, stopped early
+
+
+def test_the_chunk_size_does_not_change_a_one_chunk_fit():
+    """With every pair in one chunk, fit's result does not depend on how large the chunk may be."""
+    train_csr, val, _ = planted_problem(20, 16)
+    a = fit(seeded_mlp(1, n_users=20, n_items=16), train_csr, val, toy_config(0.01, 2))
+    b = fit(seeded_mlp(1, n_users=20, n_items=16), train_csr, val,
+            FitConfig(**{**vars(toy_config(0.01, 2)), "chunk_pairs": train_csr.nnz * 3}))
+    assert all(torch.equal(a[0][k], b[0][k]) for k in a[0]) and a[1] == b[1]
+    # many chunks: other batches, but it still trains
+    c = fit(seeded_mlp(1, n_users=20, n_items=16), train_csr, val,
+            FitConfig(**{**vars(toy_config(0.01, 2)), "chunk_pairs": 10}))
+    assert c[1][-1].loss < c[1][0].loss
 
 
 def test_curve_csv():
@@ -325,48 +476,193 @@ def test_pick_device():
             pick_device("cuda")
 
 
+# --- fit_and_refit: the validation run and the refit side by side ---------------------------------
+
+def refit_problem():
+    """(train, train + validation, validation candidates) of a small planted problem."""
+    train_csr, val, test = planted_problem(20, 16)
+    split = Split(train_csr, val.users, val.items[:, 0], np.arange(20), test)
+    return train_csr, split.train_and_val(), val
+
+
+REFIT_CFG = FitConfig(seed=4, lr=0.01, weight_decay=0.001, epochs=4, batch_size=32, negatives=2, topK=1)
+
+
+def make_refit_model(refit: bool) -> MLP:
+    torch.manual_seed(11)
+    return MLP(20, 16, [8, 6, 4], dropout=0.3)
+
+
+def scripted_validation(monkeypatch, best: int) -> None:
+    """Validation results with their best at epoch `best` (HR 0.5 elsewhere)."""
+    calls = []
+
+    def scripted(model, cands, k):
+        calls.append(1)
+        return (0.9, 0.5) if len(calls) == best else (0.5, 0.5 - 0.01 * len(calls))
+
+    monkeypatch.setattr(training, "evaluate_ranking", scripted)
+
+
+@pytest.fixture(params=["fork", "thread"])
+def refit_path(request, monkeypatch):
+    """fit_and_refit's CPU path: a forked process, or the thread used where fork is not available."""
+    import multiprocessing
+    if request.param == "fork":
+        assert "fork" in multiprocessing.get_all_start_methods()
+    else:
+        monkeypatch.setattr(training.mp, "get_all_start_methods", lambda: [])
+    started = []
+    real_thread_start = training.threading.Thread.start
+    monkeypatch.setattr(training.threading.Thread, "start",
+                        lambda self: started.append("thread") or real_thread_start(self))
+    yield request.param
+    assert started == ([] if request.param == "fork" else ["thread"])
+
+
+@pytest.mark.parametrize("best", [1, 2, 4])
+def test_fit_and_refit_equals_a_sequential_refit(refit_path, monkeypatch, best):
+    train_csr, refit_on, val = refit_problem()
+    scripted_validation(monkeypatch, best)
+    refit_state, chosen, curve, best_epoch = fit_and_refit(make_refit_model, train_csr, refit_on, val, REFIT_CFG,
+                                                           CPU, "mlp")
+    assert best_epoch == best and len(curve) == REFIT_CFG.epochs
+    # the validation-chosen state: as a plain fit with validation gives it
+    scripted_validation(monkeypatch, best)
+    plain, plain_curve, plain_best = fit(make_refit_model(False), train_csr, val, REFIT_CFG, CPU, "mlp")
+    assert plain_best == best and [r.loss for r in plain_curve] == [r.loss for r in curve]
+    assert chosen.keys() == plain.keys() and all(torch.equal(chosen[k], plain[k]) for k in plain)
+    # the refit: byte-identical to a fit on train + validation for `best` epochs, one after the other
+    sequential, _, kept = fit(make_refit_model(True), refit_on, None,
+                              FitConfig(**{**vars(REFIT_CFG), "epochs": best}), CPU, "mlp")
+    assert kept == best
+    assert refit_state.keys() == sequential.keys()
+    for key in sequential:
+        assert refit_state[key].dtype == sequential[key].dtype
+        assert refit_state[key].numpy().tobytes() == sequential[key].numpy().tobytes(), key
+    # and it is a refit: other data than the validation run's
+    assert not torch.equal(refit_state["user_embedding.weight"], chosen["user_embedding.weight"])
+
+
+def poisoned(model: MLP, poison: bool) -> MLP:
+    if poison:
+        original = model.forward
+        model.forward = lambda users, items: original(users, items) * math.nan
+    return model
+
+
+def test_a_nan_in_the_refit_raises(refit_path):
+    train_csr, refit_on, val = refit_problem()
+    with pytest.raises(PipelineError, match=r"^mlp \(refit\): training diverged at epoch 1 .*smaller lr"):
+        fit_and_refit(lambda refit: poisoned(make_refit_model(refit), refit), train_csr, refit_on, val, REFIT_CFG,
+                      CPU, "mlp")
+
+
+def test_a_nan_in_the_validation_run_raises_and_stops_the_refit(refit_path):
+    train_csr, refit_on, val = refit_problem()
+    with pytest.raises(PipelineError, match=r"^mlp: training diverged at epoch 1 "):
+        fit_and_refit(lambda refit: poisoned(make_refit_model(refit), not refit), train_csr, refit_on, val,
+                      REFIT_CFG, CPU, "mlp")
+
+
+# --- dropout draws from the run's own generator ----------------------------------------------------
+
+def test_dropout_is_deterministic_whatever_the_global_generator():
+    train_csr, val, _ = planted_problem(20, 16)
+    cfg = FitConfig(seed=3, lr=0.01, weight_decay=0.0, epochs=2, batch_size=32, negatives=2, topK=1)
+    states = []
+    for global_seed, dropout in ((1, 0.3), (2, 0.3), (3, 0.0)):
+        model = seeded_mlp(5, layers=[16, 8, 4], dropout=dropout, n_users=20, n_items=16)
+        torch.manual_seed(global_seed)  # the global generator: other draws each time
+        states.append(fit(model, train_csr, val, cfg)[0])
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert any(not torch.equal(states[0][k], states[2][k]) for k in states[0])  # dropout 0.3 did drop
+
+
 # --- the train stage's builders (pipeline.train) -------------------------------------------------
 
-def stage_params() -> dict:
-    loop = {"lr": 0.01, "weight_decay": 0.0, "epochs": 2, "batch_size": 64, "negatives": 2}
+def stage_params(refit: bool = True) -> dict:
+    loop = {"lr": 0.01, "weight_decay": 0.0, "epochs": 3, "batch_size": 64, "negatives": 2}
     return {
-        "seed": 3, "topK": 1,
-        "mlp": {**loop, "layers": [8, 4], "dropout": 0.0},
+        "seed": 3, "topK": 1, "refit": refit,
+        **loop, "layers": [8, 4], "dropout": 0.1,  # the MLP's: top-level keys
         "gmf": {**loop, "factors": 4},
         "mf": {**loop, "factors": 4},
-        "neumf": {**loop, "factors": 4, "layers": [8, 4], "dropout": 0.0, "pretrain": True,
-                  "pretrain_lr": 0.01, "pretrain_epochs": 3},
+        "neumf": {**loop, "dropout": 0.2},
         "ease": {"lambda": 5.0},
     }
 
 
+def stage_split() -> tuple[Split, Candidates]:
+    train_csr, val, test = planted_problem(20, 16)
+    return Split(train_csr, val.users, val.items[:, 0], np.arange(20), test), val
+
+
+def train_sources(split: Split, val: Candidates, params: dict, models_dir) -> None:
+    """gmf and mlp checkpoints (test-time and train-only) in models_dir, as their stages write them."""
+    for source in ("gmf", "mlp"):
+        state, train_only, _, _ = train_neural(source, split, val, params, CPU, models_dir)
+        test_path, train_only_path = checkpoint_paths(models_dir, source)
+        save_checkpoint(test_path, state)
+        save_checkpoint(train_only_path, train_only)
+
+
+@pytest.mark.parametrize("refit", [True, False])
 @pytest.mark.parametrize("name", sorted(MODEL_CLASSES))
-def test_train_neural_builds_trains_and_returns_a_loadable_state(name):
-    train_csr, val, _ = planted_problem(20, 16)
-    params = stage_params()
-    state, curve, best, extra = train_neural(name, train_csr, val, params, torch.device("cpu"))
-    assert len(curve) == 2 and 1 <= best <= 2
-    model = MODEL_CLASSES[name].from_state_dict(state)
-    assert evaluate_ranking(model, val, 1) == pytest.approx((curve[best - 1].val_hr, curve[best - 1].val_ndcg))
+def test_train_neural_equals_its_parts(name, refit, tmp_path):
+    split, val = stage_split()
+    params = stage_params(refit)
     if name == "neumf":
-        assert set(extra["pretrained"]) == {"gmf", "mlp"}
-        for branch in ("gmf", "mlp"):
-            assert 1 <= extra["pretrained"][branch]["best_epoch"] <= 3
-            assert 0.0 <= extra["pretrained"][branch]["val_hr"] <= 1.0
-    else:
-        assert extra == {}
+        train_sources(split, val, params, tmp_path)
+    state, train_only, curve, best = train_neural(name, split, val, params, CPU, tmp_path)
+    assert len(curve) == 3 and 1 <= best <= 3
+    cls = MODEL_CLASSES[name]
+    model = cls.from_state_dict(train_only)
+    assert evaluate_ranking(model, val, 1) == pytest.approx((curve[best - 1].val_hr, curve[best - 1].val_ndcg))
+    section = params[name] if name != "mlp" else params
+    cfg = FitConfig.from_section(section, params["seed"], params["topK"])
+    # the validated run: a plain fit of the freshly built (train-only sources') model
+    chosen, plain_curve, plain_best = fit(build(name, 20, 16, params, tmp_path, False), split.train, val, cfg)
+    assert plain_best == best and all(torch.equal(train_only[k], chosen[k]) for k in chosen)
+    if not refit:
+        assert state is train_only
+        return
+    # the test-time model: a fit on train + validation for the chosen number of epochs, from the refitted sources
+    fresh = build(name, 20, 16, params, tmp_path, True)
+    if name == "neumf":
+        gmf = GMF.from_state_dict(torch.load(tmp_path / "gmf.pt", weights_only=True))
+        assert torch.equal(fresh.gmf.user_embedding.weight, gmf.user_embedding.weight)
+        assert fresh.mlp.dropout == 0.2
+        other = build(name, 20, 16, params, tmp_path, False)
+        assert not torch.equal(other.gmf.user_embedding.weight, gmf.user_embedding.weight)
+    expected, _, _ = fit(fresh, split.train_and_val(), None, FitConfig(**{**vars(cfg), "epochs": best}))
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
+    assert any(not torch.equal(state[k], train_only[k]) for k in state)
     # the same params give the same bits
-    again, _, _, _ = train_neural(name, train_csr, val, params, torch.device("cpu"))
-    assert all(torch.equal(state[key], again[key]) for key in state)
+    again, again_only, _, _ = train_neural(name, split, val, params, CPU, tmp_path)
+    assert all(torch.equal(state[k], again[k]) and torch.equal(train_only[k], again_only[k]) for k in state)
 
 
-def test_train_closed_form():
-    train_csr, val, _ = planted_problem(20, 16)
-    params = stage_params()
-    state, curve, best, extra = train_closed_form("itempop", train_csr, val, params)
-    np.testing.assert_array_equal(state["counts"].numpy(), np.asarray(train_csr.sum(axis=0)).ravel())
-    assert best == 1 and extra == {} and len(curve) == 1 and math.isnan(curve[0].loss)
-    state, curve, best, _ = train_closed_form("ease", train_csr, val, params)
-    assert torch.equal(state["weights"], EASE.fit(train_csr, 5.0))
+def test_train_neumf_without_its_sources_is_a_clear_error(tmp_path):
+    split, val = stage_split()
+    with pytest.raises(PipelineError, match="gmf.trainonly.pt: not found; run `dvc repro` to train gmf"):
+        train_neural("neumf", split, val, stage_params(), CPU, tmp_path)
+
+
+@pytest.mark.parametrize("refit", [True, False])
+def test_train_closed_form(refit):
+    split, val = stage_split()
+    params = stage_params(refit)
+    both = split.train_and_val()
+    state, train_only, curve, best = train_closed_form("itempop", split, val, params)
+    np.testing.assert_array_equal(train_only["counts"].numpy(), np.asarray(split.train.sum(axis=0)).ravel())
+    seen = both if refit else split.train
+    np.testing.assert_array_equal(state["counts"].numpy(), np.asarray(seen.sum(axis=0)).ravel())
+    assert best == 1 and len(curve) == 1 and math.isnan(curve[0].loss)
+    state, train_only, curve, best = train_closed_form("ease", split, val, params)
+    assert torch.equal(train_only["weights"], EASE.weights_for(split.train, 5.0))
+    assert torch.equal(state["weights"], EASE.weights_for(seen, 5.0))
     assert best == 1 and math.isnan(curve[0].loss)
     assert curve[0].val_hr == 1.0  # EASE finds the planted groups too
+    if refit:
+        assert not torch.equal(state["weights"], train_only["weights"])

@@ -1,0 +1,81 @@
+"""pipeline.summary: the results table a person reads after `dvc repro` (and `make repro`).
+
+The inputs are built by the evaluate stage's own functions from simulated per-user ranks of all six
+models, so test.json and intervals.json agree as they do after a real run.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from conftest import stage, user_error
+from pipeline.evaluate import intervals, point_metrics
+from pipeline.params import LABELS, MODEL_NAMES
+from pipeline.summary import terminal_table
+
+CELL = re.compile(r"(\d+\.\d{3}) ± (\d+\.\d{3})")
+
+
+def simulated_results(n_users: int, k: int, seed: int = 0) -> tuple[dict, dict]:
+    """(test.json, intervals.json) for the six models, from random ranks (each model a different skill)."""
+    rng = np.random.default_rng(seed)
+    all_ranks = {}
+    for skill, name in enumerate(MODEL_NAMES):
+        p = 0.05 + 0.02 * skill
+        all_ranks[name] = {"sampled": rng.geometric(p, n_users) - 1, "full": rng.geometric(p / 8, n_users) - 1}
+    metrics = {"k": k, **{name: point_metrics(r, k) for name, r in all_ranks.items()}}
+    return json.loads(json.dumps(metrics)), json.loads(json.dumps(intervals(all_ranks, k)))  # as read from disk
+
+
+@pytest.mark.parametrize("n_users, k", [(943, 10), (6_040, 10), (138_493, 20), (50, 1), (943, 100)])
+def test_terminal_table_fits_100_columns_and_shows_test_json(n_users, k):
+    metrics, bars = simulated_results(n_users, k)
+    text = terminal_table(metrics, bars)
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 100, [(len(line), line) for line in lines if len(line) > 100]
+    assert "±" in text and len("±") == 1  # counted as one column: characters, not UTF-8 bytes
+    assert lines[0].split() == ["model", f"HR@{k}", f"NDCG@{k}", "full", f"HR@{k}", "full", f"NDCG@{k}"]
+    assert set(lines[1]) == {"-"}
+    rows = {line.split()[0]: line for line in lines[2:2 + len(MODEL_NAMES)]}
+    assert list(rows) == [LABELS[name] for name in MODEL_NAMES]
+    for name in MODEL_NAMES:
+        cells = CELL.findall(rows[LABELS[name]])
+        assert len(cells) == 4, rows[LABELS[name]]
+        point = metrics[name]
+        expected = [point["hr"], point["ndcg"], point["full"]["hr"], point["full"]["ndcg"]]
+        assert [float(mean) for mean, _ in cells] == [float(f"{v:.3f}") for v in expected]
+        entry = bars["models"][name]
+        half = [(entry[p][m]["hi"] - entry[p][m]["lo"]) / 2 for p in ("sampled", "full") for m in ("hr", "ndcg")]
+        assert [float(h) for _, h in cells] == [float(f"{v:.3f}") for v in half]
+        assert all(0 <= v < 0.5 for v in half)
+        if k in (10, 20):  # real-looking intervals, not zeros
+            assert all(v > 0 for v in half), half
+    assert f"{n_users:,} test users" in text
+    best = bars["best"]
+    assert f"Best by HR@{k}: {LABELS[best['sampled']]} (sampled candidates), {LABELS[best['full']]} (full ranking)." \
+        in text
+
+
+def test_intervals_agree_with_test_json():
+    metrics, bars = simulated_results(943, 10, seed=1)
+    for name in MODEL_NAMES:
+        for protocol, point in (("sampled", metrics[name]), ("full", metrics[name]["full"])):
+            for metric in ("hr", "ndcg", "mrr"):
+                entry = bars["models"][name][protocol][metric]
+                assert entry["mean"] == point[metric]
+                assert entry["lo"] < entry["mean"] < entry["hi"]
+
+
+def test_summary_command(tmp_path):
+    metrics, bars = simulated_results(943, 10)
+    (tmp_path / "test.json").write_text(json.dumps(metrics))
+    (tmp_path / "intervals.json").write_text(json.dumps(bars))
+    proc = stage("summary", str(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == terminal_table(metrics, bars) + "\n"
+    (tmp_path / "intervals.json").unlink()
+    err = user_error(stage("summary", str(tmp_path), cwd=tmp_path))
+    assert "intervals.json: not found; run `dvc repro` first" in err
