@@ -1,17 +1,18 @@
-"""Time and peak memory of every stage at 100K, 1M and 20M interactions, plus MLP throughput.
+"""Every default model at scale: `dvc exp run -S dataset=synthetic-20m` with one epoch, timed per stage.
 
-Usage, from the repository root with the venv on PATH (MOVIELENS_MIRROR for ml-100k offline):
+    python benchmarks/scale.py                               # synthetic-20m, each neural model 1 epoch
+    python benchmarks/scale.py --datasets synthetic-1m ml-100k --json /tmp/scale.json
+    python benchmarks/scale.py --throughput-only             # the MLP's samples/s at 100K and 20M sizes
 
-    python benchmarks/scale.py                       # ml-100k, synthetic-1m, synthetic-20m
-    python benchmarks/scale.py --datasets ml-100k    # a subset
-    python benchmarks/scale.py --json benchmarks/results.json
-
-Each dataset runs in a scratch copy of params.yaml (the repository's outputs are not touched),
-stage by stage with the commands of dvc.yaml (foreach expanded), not through DVC. ml-100k runs the
-committed params (every model). At 1M the models are ItemPop, EASE and the MLP for `--mlp-epochs`
-epochs (default 1); at 20M ItemPop only (an MLP epoch there is 180M pairs; add it with
---mlp-at-20m). Then the MLP's training throughput is measured at batch sizes 256, 1024 and 4096
-with the default layers, split into batching, forward, backward and optimiser time.
+For each dataset, in a fresh copy of the working tree (a new git repository, no DVC cache), it runs
+`dvc exp run -S dataset=<name> -S epochs=1 -S gmf.epochs=1 -S mf.epochs=1 -S neumf.epochs=1` (ml-100k:
+the committed params, unchanged) and records, from DVC's own output and a sampler of the processes:
+each stage's wall time, each stage's peak resident memory (the RSS of its processes summed, every
+0.25 s: a forked refit shares pages with its parent, so the sum overstates), and the whole run's
+peak of the machine's used memory (MemTotal - MemAvailable, above what was used before the run).
+Then the MLP's training throughput (samples/s) at batch 2048 with ml-100k-sized and ml-20m-sized
+embedding tables, through the pipeline's own optimiser. Targets (issue: 20M in bounded memory):
+synthetic-20m in at most 40 minutes and 12 GiB; 20M throughput within 10% of 100K's.
 """
 from __future__ import annotations
 
@@ -19,156 +20,151 @@ import argparse
 import json
 import os
 import platform
-import shlex
-import shutil
+import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import yaml
+import psutil
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workspace import REPO, env, fresh_copy  # noqa: E402
 
-from pipeline.models import MLP  # noqa: E402
-from pipeline.training import THREADS, make_optimizer  # noqa: E402
-
-MEASURE = (
-    "import resource, subprocess, sys\n"
-    "proc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)\n"
-    "sys.stderr.write(proc.stderr[-2000:] if proc.returncode else '')\n"
-    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, proc.returncode)"
-)
+ONE_EPOCH = ["epochs=1", "gmf.epochs=1", "mf.epochs=1", "neumf.epochs=1"]
+TARGETS = {"synthetic-20m": {"minutes": 40, "peak_gib": 12}}
 
 
-def expand(stages: dict, models: list[str]) -> list[tuple[str, str]]:
-    """Return (stage name, command) in dvc.yaml order, a `foreach: ${models}` stage once per model."""
-    out = []
-    for name, spec in stages.items():
-        if "foreach" in spec:
-            out += [(f"{name}@{m}", spec["do"]["cmd"].replace("${item}", m)) for m in models]
-        else:
-            out.append((name, spec["cmd"]))
-    return out
+def used_memory() -> int:
+    """Bytes of memory in use on the machine (MemTotal - MemAvailable)."""
+    vm = psutil.virtual_memory()
+    return vm.total - vm.available
 
 
-def run_stage(cmd: str, cwd: Path) -> tuple[float, float]:
-    """Run one stage command in cwd; return (wall seconds, peak RSS in MiB) of that process alone."""
-    argv = shlex.split(cmd)
-    argv[0] = sys.executable if argv[0] == "python" else argv[0]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+class Sampler(threading.Thread):
+    """Every 0.25 s: the summed RSS of processes running a pipeline stage, and the machine's used memory."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.stop = threading.Event()
+        self.samples: list[tuple[float, int, int]] = []  # (time, stage RSS, machine used)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            rss = 0
+            for proc in psutil.process_iter(["cmdline", "memory_info"]):
+                cmd = " ".join(proc.info["cmdline"] or [])
+                if "-m pipeline." in cmd and proc.info["memory_info"] is not None:
+                    rss += proc.info["memory_info"].rss
+            self.samples.append((time.perf_counter(), rss, used_memory()))
+            self.stop.wait(0.25)
+
+
+def bench_dataset(name: str, extra: list[str], scratch: Path) -> dict:
+    root = fresh_copy(scratch / name)
+    sets = [] if name == "ml-100k" else [f"dataset={name}", *ONE_EPOCH]
+    sets += extra
+    cmd = [sys.executable, "-m", "dvc", "exp", "run", *[arg for s in sets for arg in ("-S", s)]]
+    baseline = used_memory()
+    sampler = Sampler()
+    sampler.start()
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", MEASURE, *argv], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                         text=True, check=True).stdout.split()
-    seconds = time.perf_counter() - start
-    if out[-1] != "0":
-        raise SystemExit(f"stage failed: {cmd}")
-    return seconds, int(out[-2]) / 1024
+    starts: list[tuple[str, float]] = []
+    log = []
+    proc = subprocess.Popen(cmd, cwd=root, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        log.append(line)
+        match = re.match(r"Running stage '([\w@-]+)'", line)
+        if match:
+            starts.append((match.group(1), time.perf_counter()))
+            print(f"  {time.perf_counter() - start:7.1f} s  {match.group(1)}", file=sys.stderr, flush=True)
+    code = proc.wait()
+    end = time.perf_counter()
+    sampler.stop.set()
+    sampler.join()
+    if code:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{''.join(log[-40:])}")
+    stages = []
+    for i, (stage, t0) in enumerate(starts):
+        t1 = starts[i + 1][1] if i + 1 < len(starts) else end
+        rss = [r for t, r, _ in sampler.samples if t0 <= t <= t1]
+        stages.append({"stage": stage, "seconds": round(t1 - t0, 1), "peak_rss_mib": round(max(rss, default=0) / 2**20)})
+    peak = max(u for _, _, u in sampler.samples) - baseline
+    metrics = json.loads((root / "metrics/test.json").read_text())
+    return {"dataset": name, "command": "dvc exp run " + " ".join(f"-S {s}" for s in sets),
+            "wall_s": round(end - start, 1), "peak_used_gib": round(peak / 2**30, 2), "stages": stages,
+            "metrics": metrics, "log_tail": [line.rstrip() for line in log if ": " in line and "training:" not in line][-40:]}
 
 
-def interactions(workdir: Path) -> int:
-    from pipeline.data import load_split
-    split = load_split(workdir / "data/prepared")
-    return int(split.train.nnz + len(split.val_users) + len(split.test_users))
-
-
-def bench_dataset(name: str, mlp_epochs: int, mlp_at_20m: bool, keep: Path | None) -> dict:
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["dataset"] = name
-    params["custom_path"] = str(REPO / params["custom_path"])
-    if name == "synthetic-1m":
-        params["models"] = ["itempop", "ease", "mlp"]
-        params["recommend_model"] = "ease"
-        params["mlp"]["epochs"] = mlp_epochs
-    elif name != "ml-100k":
-        params["models"] = ["itempop", "mlp"] if mlp_at_20m else ["itempop"]
-        params["recommend_model"] = "itempop"
-        params["mlp"]["epochs"] = mlp_epochs
-    workdir = Path(tempfile.mkdtemp(prefix=f"bench-{name}-", dir=keep))
-    rows = []
-    try:
-        (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        for stage, cmd in expand(stages, params["models"]):
-            seconds, peak = run_stage(cmd, workdir)
-            note = ""
-            if stage == "train@mlp" and name != "ml-100k":
-                note = f"{params['mlp']['epochs']} epoch(s)"
-            if stage == "evaluate":
-                note = "sampled and full ranking: " + ", ".join(params["models"])
-            rows.append({"stage": stage, "seconds": round(seconds, 2), "peak_mib": round(peak), "note": note})
-            print(f"  {name} {stage}: {seconds:.1f} s, {peak:.0f} MiB {note}", file=sys.stderr)
-        n = interactions(workdir)
-    finally:
-        if keep is None:
-            shutil.rmtree(workdir, ignore_errors=True)
-    return {"dataset": name, "interactions": n, "stages": rows}
-
-
-def throughput(batch_sizes: list[int], steps: int = 200) -> list[dict]:
-    """Samples per second of the MLP training step (default layers, ml-100k-sized tables, 1 thread)."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    torch.set_num_threads(THREADS)
-    n_users, n_items = 943, 1682
-    out = []
-    for batch in batch_sizes:
-        torch.manual_seed(0)
-        model = MLP(n_users, n_items, params["mlp"]["layers"])
-        optimizer = make_optimizer(model, 0.001, 1e-5)
-        loss_fn = torch.nn.BCEWithLogitsLoss(reduction="sum")
-        n = batch * steps
-        users, items = torch.randint(0, n_users, (n,)), torch.randint(0, n_items, (n,))
-        labels = torch.randint(0, 2, (n,)).float()
-        parts = np.zeros(4)
-        start = time.perf_counter()
-        for lo in range(0, n, batch):
-            t0 = time.perf_counter()
-            u, i, y = users[lo:lo + batch], items[lo:lo + batch], labels[lo:lo + batch]
-            t1 = time.perf_counter()
-            loss = loss_fn(model(u, i), y)
-            t2 = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            (loss / batch).backward()
-            t3 = time.perf_counter()
-            optimizer.step()
-            t4 = time.perf_counter()
-            parts += (t1 - t0, t2 - t1, t3 - t2, t4 - t3)
-        total = time.perf_counter() - start
-        ms = 1000 * parts / steps
-        out.append({"batch_size": batch, "samples_per_s": round(n / total), "ms_per_step": round(1000 * total / steps, 3),
-                    "batching_ms": round(ms[0], 3), "forward_ms": round(ms[1], 3), "backward_ms": round(ms[2], 3),
-                    "optimizer_ms": round(ms[3], 3)})
-    return out
+def throughput(steps: int = 150, batch: int = 2048) -> list[dict]:
+    """MLP training samples/s at ml-100k's and ml-20m's table sizes, with the pipeline's optimiser."""
+    code = f"""
+import sys, time, json, torch
+sys.path.insert(0, {str(REPO)!r})
+from pipeline.common import configure_torch
+from pipeline.models import MLP
+from pipeline.params import load_params, model_section
+from pipeline.training import make_optimizer
+configure_torch()
+section = model_section(load_params({str(REPO / 'params.yaml')!r}), "mlp")
+out = []
+for users, items in ((943, 1682), (138493, 26744)):
+    torch.manual_seed(0)
+    model = MLP.from_params(users, items, section)
+    opt = make_optimizer(model, section["lr"], section["weight_decay"], {batch})
+    loss_fn = torch.nn.BCEWithLogitsLoss(reduction="sum")
+    g = torch.Generator().manual_seed(0)
+    n = {batch} * {steps}
+    u, i = torch.randint(0, users, (n,), generator=g), torch.randint(0, items, (n,), generator=g)
+    y = torch.randint(0, 2, (n,), generator=g).float()
+    for k in range({steps}):
+        if k == 20:
+            t = time.perf_counter()
+        s = slice(k * {batch}, (k + 1) * {batch})
+        loss = loss_fn(model(u[s], i[s]), y[s])
+        opt.zero_grad(set_to_none=True)
+        (loss / {batch}).backward()
+        opt.step()
+    seconds = (time.perf_counter() - t) / ({steps} - 20)
+    lazy = [type(o).__name__ for o in opt.optimizers]
+    out.append({{"users": users, "items": items, "batch_size": {batch}, "ms_per_step": round(1000 * seconds, 2),
+                "samples_per_s": round({batch} / seconds), "optimizers": lazy}})
+print(json.dumps(out))
+"""
+    return json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets", nargs="+", default=["ml-100k", "synthetic-1m", "synthetic-20m"])
-    parser.add_argument("--mlp-epochs", type=int, default=1, help="MLP epochs at 1M (and 20M)")
-    parser.add_argument("--mlp-at-20m", action="store_true", help="also train the MLP on synthetic-20m")
-    parser.add_argument("--json", type=Path, default=REPO / "benchmarks/results.json")
-    parser.add_argument("--scratch", type=Path, default=None, help="keep the scratch folders under this folder")
+    parser.add_argument("--datasets", nargs="+", default=["synthetic-20m"])
+    parser.add_argument("--set", action="append", default=[], help="another -S for dvc exp run (repeatable)")
+    parser.add_argument("--json", type=Path, default=REPO / "benchmarks/scale.json")
+    parser.add_argument("--throughput-only", action="store_true")
     args = parser.parse_args()
-    results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-                          f"torch {torch.__version__}", "datasets": [], "mlp_throughput": []}
-    for name in args.datasets:
-        results["datasets"].append(bench_dataset(name, args.mlp_epochs, args.mlp_at_20m, args.scratch))
-    results["mlp_throughput"] = throughput([256, 1024, 4096])
-    args.json.parent.mkdir(parents=True, exist_ok=True)
+    if not os.environ.get("MOVIELENS_MIRROR") and "ml-100k" in args.datasets:
+        print("note: MOVIELENS_MIRROR is not set: the download goes to GroupLens", file=sys.stderr)
+    results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+                          f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}",
+               "datasets": [], "mlp_throughput": throughput()}
+    if not args.throughput_only:
+        with tempfile.TemporaryDirectory(prefix="scale-") as scratch:
+            for name in args.datasets:
+                results["datasets"].append(bench_dataset(name, args.set, Path(scratch)))
     args.json.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"machine: {results['machine']}\n")
-    print("| dataset | interactions | stage | time (s) | peak memory (MiB) | note |\n|---|---:|---|---:|---:|---|")
     for d in results["datasets"]:
-        for r in d["stages"]:
-            print(f"| {d['dataset']} | {d['interactions']:,} | {r['stage']} | {r['seconds']:.1f} | {r['peak_mib']} | {r['note']} |")
-    print("\n| batch | samples/s | ms/step | batching | forward | backward | optimiser |\n|---:|---:|---:|---:|---:|---:|---:|")
-    for r in results["mlp_throughput"]:
-        print(f"| {r['batch_size']} | {r['samples_per_s']:,} | {r['ms_per_step']:.2f} | {r['batching_ms']:.2f} | "
-              f"{r['forward_ms']:.2f} | {r['backward_ms']:.2f} | {r['optimizer_ms']:.2f} |")
+        target = TARGETS.get(d["dataset"])
+        print(f"\n{d['dataset']}: {d['wall_s'] / 60:.1f} min, peak used memory {d['peak_used_gib']} GiB"
+              + (f" (targets: {target['minutes']} min, {target['peak_gib']} GiB)" if target else ""))
+        print(f"  {d['command']}\n| stage | time (s) | peak RSS (MiB) |\n|---|---:|---:|")
+        for s in d["stages"]:
+            print(f"| {s['stage']} | {s['seconds']:.1f} | {s['peak_rss_mib']:,} |")
+    rows = results["mlp_throughput"]
+    print("\n| tables (users x items) | ms/step | samples/s | optimisers |\n|---|---:|---:|---|")
+    for r in rows:
+        print(f"| {r['users']:,} x {r['items']:,} | {r['ms_per_step']} | {r['samples_per_s']:,} | {', '.join(r['optimizers'])} |")
+    print(f"20M throughput / 100K throughput: {rows[1]['samples_per_s'] / rows[0]['samples_per_s']:.2f}")
 
 
 if __name__ == "__main__":

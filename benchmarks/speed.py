@@ -14,50 +14,19 @@ The thread check: the MLP trained with 1 and with 2 torch threads, and whether t
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workspace import REPO, fresh_copy, run  # noqa: E402
+
 TARGETS = {"repro_s": 50.0, "exp_run_s": 25.0}
-
-
-def fresh_copy(dest: Path) -> Path:
-    """Copy the working tree's tracked and untracked (not ignored) files into a new git repository."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
-                           capture_output=True, text=True).stdout.split("\0")
-    for name in filter(None, files):
-        src = REPO / name
-        if src.is_file() and not name.startswith(("data/", "benchmarks/")):
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
-    for name in ("data/.gitignore", "data/models/.gitignore"):
-        if (REPO / name).exists():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, dest / name)
-    run("git init -q -b main && git add -A && git commit -q -m copy", dest)
-    return dest
-
-
-def run(cmd: str, cwd: Path) -> tuple[float, str]:
-    """Run a shell command; return (wall seconds, output); fail loudly if it fails."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@example.com",
-           "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@example.com"}
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, shell=True, cwd=cwd, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if proc.returncode:
-        raise SystemExit(f"`{cmd}` failed:\n{proc.stdout}{proc.stderr}")
-    return seconds, proc.stdout + proc.stderr
 
 
 def stage_names(root: Path) -> list[str]:

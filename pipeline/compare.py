@@ -91,9 +91,14 @@ def check_comparable(runs: list[Run]) -> None:
                                 "candidate lists (another `candidate_seed`, `test_negatives`, split or data)")
 
 
-def pooled(side: list[Run], model: str, protocol: str, k: int) -> dict[str, np.ndarray]:
-    """Per-user HR, NDCG and MRR of a model, averaged over the runs of a side."""
-    values = [per_user(run.ranks[model][protocol], k) for run in side]
+def ranked(run: Run, model: str, protocol: str) -> np.ndarray:
+    """Which test users a protocol ranked (full ranking may rank a seeded sample of them)."""
+    return run.ranks[model][protocol] >= 0
+
+
+def pooled(side: list[Run], model: str, protocol: str, k: int, users: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-user HR, NDCG and MRR of a model for the `users` mask, averaged over the runs of a side."""
+    values = [per_user(run.ranks[model][protocol][users], k) for run in side]
     return {metric: np.mean([v[metric] for v in values], axis=0) for metric in values[0]}
 
 
@@ -105,7 +110,11 @@ def compare(a: list[Run], b: list[Run]) -> tuple[list[str], list[dict]]:
     rows = []
     for protocol in PROTOCOL_NAMES:
         for model in models:
-            va, vb = pooled(a, model, protocol, k), pooled(b, model, protocol, k)
+            users = ranked(a[0], model, protocol)
+            if any(not np.array_equal(ranked(run, model, protocol), users) for run in a + b):
+                raise PipelineError(f"cannot compare: the runs fully ranked different samples of test users "
+                                    "(another full_rank_users)")
+            va, vb = pooled(a, model, protocol, k, users), pooled(b, model, protocol, k, users)
             for metric in ("hr", "ndcg"):
                 diff = paired(vb[metric], va[metric])
                 same = np.array_equal(vb[metric], va[metric])
@@ -127,6 +136,9 @@ def render(a: list[Run], b: list[Run], rows: list[dict]) -> str:
            f"{len(a[0].users):,} test users ({a[0].dataset}); B - A is the mean per-user difference, with its 95% "
            "interval", "and the paired t-test's p-value.", ""]
     for protocol, title in PROTOCOL_NAMES.items():
+        users = int(ranked(a[0], rows[0]["model"], protocol).sum()) if rows else 0
+        if users < len(a[0].users):
+            title += f" (a seeded sample of {users:,} test users)"
         out += [title, f"{'model':<8} {'metric':<8} {'A':>6} {'B':>6}  {'B - A [95%]':<26} {'p':>7}  verdict"]
         for row in (r for r in rows if r["protocol"] == protocol):
             d = row["diff"]

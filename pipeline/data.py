@@ -14,11 +14,31 @@ if TYPE_CHECKING:  # pandas is imported where it is used: the training stages ne
     import pandas as pd
 
 TRAIN_FILE = "train.npz"  # scipy CSR [n_users x n_items], 1.0 where the user interacted in train
+TRAIN_ORDER_FILE = "train_order.npy"  # the train CSR's items per user (same indptr), oldest first
 HELDOUT_FILE = "heldout.npz"  # validation and test (user, item) pairs, one per evaluated user
 USERS_FILE = "users.csv"  # user_index -> original MovieLens user_id
 ITEMS_FILE = "items.csv"  # item_index -> original MovieLens movie_id and title
 RECENT_FILE = "recent.npz"  # each user's latest interactions (any split), for showing a person's history
 RECENT_PER_USER = 5
+
+
+@dataclass
+class History:
+    """What each user is known to have interacted with: a binary users x items CSR, and the same
+    interactions in time order (user u's items are items[indptr[u]:indptr[u + 1]], oldest first)."""
+
+    matrix: sp.csr_matrix
+    indptr: np.ndarray
+    items: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.matrix.shape
+
+
+def matrix_of(history: "History | sp.csr_matrix") -> sp.csr_matrix:
+    """The binary CSR of a History (or the matrix itself): for models that do not need the order."""
+    return history.matrix if isinstance(history, History) else history
 
 
 @dataclass
@@ -31,6 +51,7 @@ class Split:
     test_users: np.ndarray
     test_items: np.ndarray
     recent: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (users, items, timestamps), by user then time
+    train_order: np.ndarray | None = None  # train.indices in time order within each user (see TRAIN_ORDER_FILE)
 
     @property
     def n_users(self) -> int:
@@ -48,6 +69,29 @@ class Split:
     def train_and_val(self) -> sp.csr_matrix:
         """Return a binary CSR of the train and validation interactions: everything before the test item."""
         return self._with(self.val_users, self.val_items)
+
+    def history(self, val: bool, test: bool = False) -> History:
+        """The train interactions, plus each user's validation (and test) item, as a History.
+
+        In time order the validation item comes after the user's train items, the test item last."""
+        if self.train_order is None:
+            raise PipelineError("data/prepared has no train_order.npy (written by an older build_matrix); "
+                                "run `dvc repro` to rebuild it")
+        users = [u for u, on in ((self.val_users, val), (self.test_users, test)) if on]
+        items = [i for i, on in ((self.val_items, val), (self.test_items, test)) if on]
+        matrix = self._with(np.concatenate([np.zeros(0, np.int64), *users]),
+                            np.concatenate([np.zeros(0, np.int64), *items]))
+        counts = np.diff(self.train.indptr).astype(np.int64)
+        extra = [np.bincount(u, minlength=self.n_users) for u in users]
+        indptr = np.concatenate([[0], np.cumsum(counts + sum(extra, np.zeros(self.n_users, np.int64)))])
+        ordered = np.empty(indptr[-1], dtype=np.int64)
+        owner = np.repeat(np.arange(self.n_users), counts)
+        ordered[indptr[owner] + np.arange(len(owner)) - self.train.indptr[owner]] = self.train_order
+        after = counts.copy()  # the next free position within each user's row, past the train items
+        for held_users, held_items in zip(users, items):
+            ordered[indptr[held_users] + after[held_users]] = held_items
+            after[held_users] += 1
+        return History(matrix, indptr, ordered)
 
     def _with(self, rows: np.ndarray, cols: np.ndarray) -> sp.csr_matrix:
         """The train matrix plus the (rows, cols) interactions, binary, with sorted indices."""
@@ -76,6 +120,8 @@ def save_split(out_dir: Path, split: Split, users: "pd.DataFrame", items: "pd.Da
     """Write the split and id maps into out_dir as one atomic directory."""
     with atomic_output(out_dir, is_dir=True) as tmp:
         sp.save_npz(tmp / TRAIN_FILE, split.train.tocsr(), compressed=False)  # 5 s less at 20M
+        if split.train_order is not None:
+            np.save(tmp / TRAIN_ORDER_FILE, split.train_order.astype(np.int32))
         np.savez_compressed(
             tmp / HELDOUT_FILE,
             val_users=split.val_users, val_items=split.val_items,
@@ -93,8 +139,10 @@ def load_split(prepared_dir: str | Path) -> Split:
     prepared_dir = Path(prepared_dir)
     train = sp.load_npz(_need(prepared_dir / TRAIN_FILE)).tocsr()
     train.sort_indices()
+    order_path = prepared_dir / TRAIN_ORDER_FILE
+    order = np.load(order_path).astype(np.int64) if order_path.exists() else None
     with np.load(_need(prepared_dir / HELDOUT_FILE)) as z:
-        return Split(train, z["val_users"], z["val_items"], z["test_users"], z["test_items"])
+        return Split(train, z["val_users"], z["val_items"], z["test_users"], z["test_items"], train_order=order)
 
 
 def load_recent(prepared_dir: str | Path) -> "pd.DataFrame":

@@ -3,11 +3,14 @@
     python -m pipeline.evaluate PREPARED_DIR CANDIDATES_DIR MODELS_DIR METRICS_OUT INTERVALS_OUT CURVE_DIR RANKS_OUT
 
 Sampled: each user's held-out test item ranked against its `test_negatives` sampled candidates
-(HR@topK, NDCG@topK, MRR). Full: the held-out item ranked against every item the user has not
-interacted with in train or validation, scored in batches of users with tensor operations. In
+(HR@topK, NDCG@topK, MRR), for every test user. Full: the held-out item ranked against every item
+the user has not interacted with in train or validation, scored in batches of users with tensor
+operations, for every test user or, above `full_rank_users`, for a fixed sample of that many
+(seeded by `candidate_seed`, the same for every model and run; test.json names its size). In
 both, an equal score ranks the held-out item below the other item (pessimistic ties, as in the
 seed notebook). Each model is its test-time checkpoint (refitted on train + validation when
-`refit` is on; EASE then reads each user's train and validation items as their history).
+`refit` is on); the models that read a user's history (EASE, SASRec) read everything before the
+test item, train and validation, whether or not they were refitted.
 
 Writes METRICS_OUT (test.json: the DVC metrics), INTERVALS_OUT (95% intervals of every metric and
 each model's paired difference from the best model and from ItemPop; see pipeline.stats),
@@ -26,7 +29,7 @@ import numpy as np
 from pipeline.common import PipelineError, atomic_output, configure_torch, run_stage, write_json
 from pipeline.data import Candidates, load_candidates, load_split
 from pipeline.metrics import full_ranks, heldout_rank, hit_ratio, hit_ratio_curve, mrr, ndcg
-from pipeline.models import load_model
+from pipeline.models import load_model, pick_device
 from pipeline.params import load_params, trained_models
 from pipeline.stats import interval, paired, per_user, verdict
 
@@ -35,6 +38,15 @@ log = logging.getLogger("evaluate")
 CURVE_MAX_K = 20
 PROTOCOLS = ("sampled", "full")
 BASELINE = "itempop"
+FULL_RANK_STREAM = 7  # random stream of candidate_seed that picks the fully ranked users
+UNRANKED = -1  # the full rank of a test user outside the full-ranking sample
+
+
+def full_rank_sample(n_users: int, limit: int, seed: int) -> np.ndarray:
+    """Positions (sorted) of the test users that full ranking scores: all, or a seeded sample of `limit`."""
+    if limit == 0 or n_users <= limit:
+        return np.arange(n_users)
+    return np.sort(np.random.default_rng([seed, FULL_RANK_STREAM]).choice(n_users, size=limit, replace=False))
 
 
 def test_set_digest(test: Candidates) -> str:
@@ -45,29 +57,43 @@ def test_set_digest(test: Candidates) -> str:
     return digest.hexdigest()
 
 
-def model_ranks(name: str, model, test: Candidates, seen) -> dict[str, np.ndarray]:
-    """Return {'sampled', 'full'}: each test user's 0-based rank of the held-out item, for one model."""
+def model_ranks(name: str, model, test: Candidates, seen, ranked: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Return {'sampled', 'full'}: each test user's 0-based rank of the held-out item, for one model.
+
+    Full ranks are computed for the users at positions `ranked` (default: all); the others get UNRANKED.
+    """
     scores = model.score(test.users, test.items)
     if np.isnan(scores).any():
         raise PipelineError(f"model {name} produced NaN scores; retrain it")
     if np.ptp(scores) == 0:
         log.warning("%s gives every candidate the same score: the model has collapsed (too much weight_decay?)", name)
-    return {"sampled": heldout_rank(scores), "full": full_ranks(model.score_all, test.users, test.items[:, 0], seen)}
+    ranked = np.arange(len(test.users)) if ranked is None else ranked
+    full = np.full(len(test.users), UNRANKED, dtype=np.int64)
+    full[ranked] = full_ranks(model.score_all, test.users[ranked], test.items[ranked, 0], seen)
+    return {"sampled": heldout_rank(scores), "full": full}
+
+
+def ranked_only(ranks: dict[str, np.ndarray], protocol: str) -> np.ndarray:
+    """The ranks of one protocol, without the users it did not rank."""
+    r = ranks[protocol]
+    return r[r != UNRANKED]
 
 
 def point_metrics(ranks: dict[str, np.ndarray], k: int) -> dict:
     """The test.json entry of one model: {hr, ndcg, mrr, full: {hr, ndcg, mrr}}."""
     def three(r):
         return {"hr": round(hit_ratio(r, k), 6), "ndcg": round(ndcg(r, k), 6), "mrr": round(mrr(r), 6)}
-    return {**three(ranks["sampled"]), "full": three(ranks["full"])}
+    return {**three(ranks["sampled"]), "full": three(ranked_only(ranks, "full"))}
 
 
 def intervals(all_ranks: dict[str, dict[str, np.ndarray]], k: int) -> dict:
     """95% intervals of every metric, and each model's paired HR@k and NDCG@k difference from the
     best model (by that protocol's HR@k) and from ItemPop."""
-    values = {name: {p: per_user(r[p], k) for p in PROTOCOLS} for name, r in all_ranks.items()}
-    out: dict = {"k": k, "users": len(next(iter(all_ranks.values()))["sampled"]), "method": "t interval over "
-                 "users; differences: paired t-test over users (pipeline/stats.py)", "models": {}}
+    values = {name: {p: per_user(ranked_only(r, p), k) for p in PROTOCOLS} for name, r in all_ranks.items()}
+    first = next(iter(all_ranks.values()))
+    out: dict = {"k": k, "users": len(first["sampled"]), "full_rank_users": len(ranked_only(first, "full")),
+                 "method": "t interval over users; differences: paired t-test over users (pipeline/stats.py)",
+                 "models": {}}
     best = {p: max(values, key=lambda name: values[name][p]["hr"].mean()) for p in PROTOCOLS}
     out["best"] = best
     for name, by_protocol in values.items():
@@ -109,13 +135,18 @@ def main() -> None:
     configure_torch()
     split = load_split(args.prepared_dir)
     test = load_candidates(args.candidates_dir / "test.npz")
-    seen = split.train_and_val()  # full ranking leaves these out; a refitted EASE reads them as history
-    history = seen if params["refit"] else split.train
-    metrics: dict = {"k": k}
+    history = split.history(val=True)  # what every model may read of a user: all before the test item
+    seen = history.matrix  # full ranking leaves these items out
+    device = pick_device(params["device"])  # where the neural models score (the others: the CPU)
+    ranked = full_rank_sample(len(test.users), params["full_rank_users"], params["candidate_seed"])
+    if len(ranked) < len(test.users):
+        log.info("full ranking: a seeded sample of %d of the %d test users (full_rank_users)", len(ranked),
+                 len(test.users))
+    metrics: dict = {"k": k, "full_rank_users": len(ranked)}
     all_ranks = {}
     for name in trained_models(params):
-        model = load_model(name, args.models_dir / f"{name}.pt", history)
-        all_ranks[name] = model_ranks(name, model, test, seen)
+        model = load_model(name, args.models_dir / f"{name}.pt", history, device)
+        all_ranks[name] = model_ranks(name, model, test, seen, ranked)
         metrics[name] = m = point_metrics(all_ranks[name], k)
         log.info("%s: sampled HR@%d %.4f, NDCG %.4f; full HR@%d %.4f, NDCG %.4f, MRR %.4f",
                  name, k, m["hr"], m["ndcg"], k, m["full"]["hr"], m["full"]["ndcg"], m["full"]["mrr"])

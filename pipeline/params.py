@@ -61,10 +61,11 @@ def _fmt(x: float) -> str:
 DATASET_NAMES = ("ml-100k", "ml-1m", "ml-20m", "ml-25m", "ml-latest-small", "custom", "synthetic-1m",
                  "synthetic-20m")
 CORE_MODELS = ("itempop", "mlp")  # always trained: stages train_itempop and train_mlp (the user's contract)
-ADDED_MODELS = ("gmf", "mf", "ease")  # trained from the data alone: stage train@<name>, chosen by `models`
+ADDED_MODELS = ("gmf", "mf", "ease", "sasrec")  # trained from the data alone: stage train@<name>, chosen by `models`
 FUSED_MODELS = ("neumf",)  # start from other models' checkpoints: stage fuse@<name>, chosen by `fused`
 MODEL_NAMES = CORE_MODELS + ADDED_MODELS + FUSED_MODELS
-LABELS = {"itempop": "ItemPop", "mlp": "MLP", "gmf": "GMF", "mf": "MF", "ease": "EASE", "neumf": "NeuMF"}
+LABELS = {"itempop": "ItemPop", "mlp": "MLP", "gmf": "GMF", "mf": "MF", "ease": "EASE", "neumf": "NeuMF",
+          "sasrec": "SASRec"}
 FUSED_FROM = {"neumf": ("gmf", "mlp")}  # the checkpoints each fused model starts from
 SEPARATORS = (",", "\t", ";", "|", "::", " ")
 
@@ -86,6 +87,7 @@ SPECS: dict[str, Spec] = {
     "topK": Spec("int", 1, 100001),
     "test_negatives": Spec("int", 1, 100000),
     "refit": Spec("bool"),
+    "full_rank_users": Spec("int", 0, 2**31 - 1),
     "dataset": Spec("choice", choices=DATASET_NAMES),
     "custom_path": Spec("str"),
     "custom_sep": Spec("choice", choices=SEPARATORS),
@@ -104,6 +106,11 @@ SPECS: dict[str, Spec] = {
     "mf": Spec("section", fields={"factors": Spec("int", 1, 65536), **_LOOP}),
     "ease": Spec("section", fields={"lambda": Spec("float", 0.0, 1e12, low_open=True)}),
     "neumf": Spec("section", fields={"dropout": _DROPOUT, **_LOOP}),
+    "sasrec": Spec("section", fields={
+        "max_len": Spec("int", 1, 4096), "hidden": Spec("int", 1, 4096), "blocks": Spec("int", 1, 64),
+        "heads": Spec("int", 1, 64), "dropout": _DROPOUT, "loss": Spec("choice", choices=("ce", "bce")),
+        "lr": _LOOP["lr"], "weight_decay": _LOOP["weight_decay"], "epochs": _LOOP["epochs"],
+        "batch_size": Spec("int", 1, 2**20)}),
     "device": Spec("choice", choices=("auto", "cpu", "cuda")),
     "recommend_model": Spec("choice", choices=MODEL_NAMES),
     "recommend_n": Spec("int", 1, 1000),
@@ -246,6 +253,9 @@ def validate(raw: Any, source: str = PARAMS_FILE) -> dict[str, Any]:
             f"{source}: 'layers' first entry must be even (it is split into a user and an item "
             f"embedding of half that size each), got {params['layers'][0]}"
         )
+    if params["sasrec"]["hidden"] % params["sasrec"]["heads"]:
+        raise PipelineError(f"{source}: 'sasrec.hidden' ({params['sasrec']['hidden']}) must be a multiple of "
+                            f"'sasrec.heads' ({params['sasrec']['heads']}): each head takes an equal share")
     for name in params["fused"]:
         needs = [m for m in FUSED_FROM[name] if m not in CORE_MODELS and m not in params["models"]]
         if needs:

@@ -24,7 +24,7 @@ import torch
 
 from pipeline.common import PipelineError, atomic_output, configure_torch, run_stage
 from pipeline.data import load_id_maps, load_recent, load_split
-from pipeline.models import load_model
+from pipeline.models import load_model, pick_device
 from pipeline.params import load_params
 
 log = logging.getLogger("recommend")
@@ -62,12 +62,13 @@ def top_n(score_all, users: np.ndarray, seen: sp.csr_matrix, n: int, batch_eleme
     return items_out, scores_out
 
 
-def recommend(prepared: Path, models_dir: Path, name: str, n: int) -> pd.DataFrame:
+def recommend(prepared: Path, models_dir: Path, name: str, n: int, device: str = "cpu") -> pd.DataFrame:
     """Return the recommendations table for every user (original ids, titles, years, scores)."""
     split = load_split(prepared)
     users_map, items_map = load_id_maps(prepared)
-    seen = split.all_interactions()
-    model = load_model(name, models_dir / f"{name}.pt", seen)  # recommending: the whole history is known
+    history = split.history(val=True, test=True)  # recommending: the whole history is known
+    seen = history.matrix
+    model = load_model(name, models_dir / f"{name}.pt", history, pick_device(device))
     users = np.arange(split.n_users)
     items, scores = top_n(model.score_all, users, seen, n)
     if not np.isfinite(scores).all():
@@ -131,7 +132,7 @@ def main() -> None:
     prepared, models_dir, out = args.paths
     params = load_params()
     configure_torch()
-    table = recommend(prepared, models_dir, params["recommend_model"], params["recommend_n"])
+    table = recommend(prepared, models_dir, params["recommend_model"], params["recommend_n"], params["device"])
     with atomic_output(out) as tmp:
         table.to_csv(tmp, index=False, lineterminator="\n")
     log.info("%d recommendations for %d users from %s", len(table), table["user_id"].nunique(),

@@ -25,7 +25,7 @@ import pandas as pd  # noqa: E402
 from pipeline.common import PipelineError, atomic_output, run_stage, write_text  # noqa: E402
 from pipeline.data import load_id_maps, load_recent, load_split  # noqa: E402
 from pipeline.params import LABELS as NAMES, load_params, trained_models  # noqa: E402
-from pipeline.summary import metrics_table, significance_tables  # noqa: E402
+from pipeline.summary import full_ranking_note, metrics_table, significance_tables  # noqa: E402
 
 log = logging.getLogger("report")
 
@@ -60,7 +60,7 @@ def training_chart(curves: dict[str, pd.DataFrame], k: int, path: Path) -> None:
         else:
             hr_ax.plot([1, longest], [curve["val_hr"].iloc[0]] * 2, linestyle="--", label=f"{label} (closed form)",
                        color=COLORS.get(name))
-    loss_ax.set(title="Training loss (binary cross-entropy)", xlabel="epoch", ylabel="loss")
+    loss_ax.set(title="Training loss (cross-entropy per example)", xlabel="epoch", ylabel="loss")
     hr_ax.set(title=f"Validation HR@{k}", xlabel="epoch", ylabel=f"HR@{k}")
     for ax in (loss_ax, hr_ax):
         ax.grid(alpha=0.3)
@@ -143,7 +143,7 @@ def main() -> None:
         "chosen on validation HR" + (", and the model was then refitted on train + validation, so that it "
         "scores the test item knowing everything before it." if params["refit"] else " (trained on train only: "
         "`refit` is off).") + f" Every number is a mean over {bars['users']:,} test users, shown with the half-width "
-        "of its 95% interval (a t interval over users).", "",
+        "of its 95% interval (a t interval over users)." + (" " + full_ranking_note(bars)).rstrip(), "",
         metrics_table(metrics, bars, summaries), "",
         "## Which differences are real", "",
         "Each model against the best model and against ItemPop, on the same users: the mean per-user "

@@ -37,12 +37,25 @@ def diff_cell(entry: dict | None) -> str:
     return f"{entry['mean']:+.3f} [{entry['lo']:+.3f}, {entry['hi']:+.3f}], p {entry['p']:.2g}"
 
 
+def model_names(metrics: dict) -> list[str]:
+    """The models in a test.json, in its order (its other keys: k, full_rank_users)."""
+    return [name for name, value in metrics.items() if isinstance(value, dict)]
+
+
+def full_ranking_note(bars: dict) -> str:
+    """'' when every test user was fully ranked; else how many were (a seeded sample)."""
+    if bars.get("full_rank_users", bars["users"]) >= bars["users"]:
+        return ""
+    return (f"Full ranking: a seeded sample of {bars['full_rank_users']:,} of the {bars['users']:,} test users "
+            "(full_rank_users), so its intervals are wider.")
+
+
 def metrics_table(metrics: dict, bars: dict, summaries: dict[str, dict] | None = None) -> str:
     """A Markdown table: every model's sampled and full metrics (± 95% half-width), validation HR."""
     k = metrics["k"]
     lines = [f"| model | HR@{k} | NDCG@{k} | MRR | full HR@{k} | full NDCG@{k} | full MRR | validation HR@{k} (epoch) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name in (m for m in metrics if m != "k"):
+    for name in model_names(metrics):
         entry = bars["models"].get(name, {})
         s = (summaries or {}).get(name)
         val = f"{s['val_hr']:.4f} ({s['best_epoch']})" if s else ""
@@ -74,7 +87,7 @@ def terminal_table(metrics: dict, bars: dict) -> str:
     k = metrics["k"]
     head = [f"HR@{k}", f"NDCG@{k}", f"full HR@{k}", f"full NDCG@{k}"]
     rows = [["model", *head]]
-    for name in (m for m in metrics if m != "k"):
+    for name in model_names(metrics):
         entry = bars["models"].get(name, {})
         rows.append([label(name)] + [pm(entry.get(p, {}).get(metric)) for p in ("sampled", "full")
                                      for metric in ("hr", "ndcg")])
@@ -85,6 +98,8 @@ def terminal_table(metrics: dict, bars: dict) -> str:
     best = ", ".join(f"{label(bars['best'][p])} ({PROTOCOL_NAMES[p]})" for p in PROTOCOL_NAMES)
     lines += ["", f"{bars['users']:,} test users; ± is the half-width of the 95% interval.", f"Best by HR@{k}: {best}.",
               "Which differences are real: metrics/report.md. Against another run: python -m pipeline.compare."]
+    if full_ranking_note(bars):
+        lines.insert(-2, full_ranking_note(bars))
     return "\n".join(lines)
 
 

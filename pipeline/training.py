@@ -30,7 +30,7 @@ import scipy.sparse as sp
 import torch
 
 from pipeline.common import PipelineError
-from pipeline.data import Candidates
+from pipeline.data import Candidates, matrix_of
 from pipeline.metrics import heldout_rank, hit_ratio, ndcg
 
 log = logging.getLogger("training")
@@ -55,8 +55,8 @@ class FitConfig:
     @classmethod
     def from_section(cls, section: dict, seed: int, k: int) -> "FitConfig":
         """The loop's settings from a model's params section (the MLP's: the top-level keys)."""
-        return cls(seed, section["lr"], section["weight_decay"], section["epochs"], section["batch_size"],
-                   section["negatives"], k)
+        return cls(seed, section["lr"], section.get("weight_decay", 0.0), section["epochs"], section["batch_size"],
+                   section.get("negatives", 1), k)
 
 
 @dataclass
@@ -69,25 +69,86 @@ class EpochStats:
     val_ndcg: float
 
 
-def pick_device(choice: str) -> torch.device:
-    """Return the torch device for the `device` param: auto (cuda if present, else cpu), cpu or cuda."""
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("params.yaml: 'device' is 'cuda', but PyTorch sees no CUDA device here; "
-                            "use 'auto' or 'cpu'")
-    return torch.device(choice)
-
-
 def seeded_generator(seed: int, stream: int, device: torch.device) -> torch.Generator:
     """A torch generator on `device` for one independent random stream of `seed`."""
     state = int(np.random.SeedSequence([seed, stream]).generate_state(1, np.uint64)[0] >> np.uint64(1))
     return torch.Generator(device=device).manual_seed(state)
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """Adam, fused: one kernel updates every tensor (about 4x less optimiser time per step on CPU)."""
-    return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
+class LazyAdam(torch.optim.Optimizer):
+    """Adam for embedding tables with sparse gradients: a step moves only the rows the batch touched.
+
+    For those rows it is Adam with L2 weight decay (the decay is added to the gradient, as in
+    torch.optim.Adam), with the step count shared by the table, as TensorFlow's LazyAdam. Rows not
+    in the batch keep their weights and moments, so a step costs O(batch), not O(table): a 20M
+    interaction table's step costs about what a 100K one's does.
+    """
+
+    def __init__(self, params, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8):
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                grad = param.grad.coalesce()
+                rows, values = grad.indices()[0], grad.values()
+                if group["weight_decay"]:
+                    values = values + group["weight_decay"] * param[rows]
+                state = self.state[param]
+                if not state:
+                    state["step"], state["exp_avg"], state["exp_avg_sq"] = 0, torch.zeros_like(param), torch.zeros_like(param)
+                state["step"] += 1
+                exp_avg = state["exp_avg"][rows].mul_(beta1).add_(values, alpha=1 - beta1)
+                exp_avg_sq = state["exp_avg_sq"][rows].mul_(beta2).addcmul_(values, values, value=1 - beta2)
+                state["exp_avg"][rows], state["exp_avg_sq"][rows] = exp_avg, exp_avg_sq
+                denom = (exp_avg_sq / (1 - beta2 ** state["step"])).sqrt_().add_(group["eps"])
+                param.index_add_(0, rows, exp_avg / denom, alpha=-group["lr"] / (1 - beta1 ** state["step"]))
+
+
+class _Optimizers:
+    """Several optimizers stepped as one."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = list(optimizers)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+
+LAZY_ROWS_PER_BATCH = 8  # a table with more rows than this many batches' pairs is updated lazily
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, batch_size: int) -> _Optimizers:
+    """Fused Adam, except LazyAdam for embedding tables of more than LAZY_ROWS_PER_BATCH x batch_size rows.
+
+    Fused Adam updates every tensor in one kernel (about 4x less optimiser time per step on CPU
+    than plain Adam), but it reads and writes a whole table at every step: at ml-20m's 138,493
+    users that made an MLP step 11 times slower than at ml-100k's 943. A large table is switched to
+    sparse gradients and LazyAdam, which moves only the rows a batch touched. A small one stays
+    dense (LazyAdam's bookkeeping costs more than it saves there, and dense Adam also moves the
+    rows a batch missed, by their momentum).
+    """
+    tables = [module for module in model.modules()
+              if isinstance(module, torch.nn.Embedding) and module.num_embeddings > LAZY_ROWS_PER_BATCH * batch_size
+              and getattr(model, "lazy_tables", True)]  # SASRec's item table is also its output layer: dense
+    for table in tables:
+        table.sparse = True
+    lazy = {id(table.weight) for table in tables}
+    dense = [p for p in model.parameters() if id(p) not in lazy]
+    optimizers = [torch.optim.Adam(dense, lr=lr, weight_decay=weight_decay, fused=True)] if dense else []
+    if tables:
+        optimizers.append(LazyAdam([table.weight for table in tables], lr=lr, weight_decay=weight_decay))
+    return _Optimizers(*optimizers)
 
 
 class NegativeSampler:
@@ -156,6 +217,39 @@ def epoch_chunks(pos_users: torch.Tensor, pos_items: torch.Tensor, sampler: Nega
         yield all_users[shuffle], all_items[shuffle], labels[shuffle]
 
 
+@dataclass
+class Generators:
+    """The training run's random streams: the order of the examples, the negatives, the shuffles."""
+
+    order: torch.Generator
+    negative: torch.Generator
+    shuffle: torch.Generator
+
+
+class PairObjective:
+    """What the loop optimises for a (user, item) model: binary cross-entropy on every train pair
+    plus `negatives` sampled negatives per positive, batches cut from the epoch's chunks."""
+
+    def __init__(self, model: torch.nn.Module, train, cfg: FitConfig, device: torch.device):
+        matrix = matrix_of(train)
+        self.model, self.cfg = model, cfg
+        self.sampler = NegativeSampler(matrix, device)
+        self.users, self.items = positives(matrix, device)
+        self.loss_fn = torch.nn.BCEWithLogitsLoss(reduction="sum")
+
+    def batches(self, gens: Generators) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        size = self.cfg.batch_size
+        for users, items, labels in epoch_chunks(self.users, self.items, self.sampler, self.cfg.negatives,
+                                                 self.cfg.chunk_pairs, gens.order, gens.negative, gens.shuffle):
+            for lo in range(0, len(labels), size):
+                yield users[lo:lo + size], items[lo:lo + size], labels[lo:lo + size]
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """(summed loss, number of examples) of one batch."""
+        users, items, labels = batch
+        return self.loss_fn(self.model(users, items), labels), len(labels)
+
+
 def evaluate_ranking(model, cands: Candidates, k: int) -> tuple[float, float]:
     """Return (HR@k, NDCG@k) of the model on a candidate set."""
     ranks = heldout_rank(model.score(cands.users, cands.items))
@@ -172,40 +266,42 @@ def fit(model: torch.nn.Module, train: sp.csr_matrix, val: Candidates | None, cf
         ) -> tuple[dict[str, torch.Tensor], list[EpochStats], int]:
     """Train `model` in place for cfg.epochs; return (kept state on the CPU, per-epoch curve, kept epoch).
 
+    `train` is a History (or a binary CSR, for the models that need no order). The model's `objective`
+    (PairObjective unless the model names another, as SASRec does) says what a batch is and its loss.
+
     With validation candidates the kept state is the best epoch's; with `val` None (a refit) it is the
     last. `on_epoch(epoch, model, kept_epoch)`, if given, is called after each epoch; training stops when
     it returns False. Every random draw comes from generators of cfg.seed owned by this call (dropout's too), so
     two calls may run at once in two threads and give the same bits as one after the other.
     """
-    order_gen = seeded_generator(cfg.seed, ORDER_STREAM, device)
-    shuffle_gen = seeded_generator(cfg.seed, SHUFFLE_STREAM, device)  # apart: epochs' pairs don't depend on chunks
-    negative_gen = seeded_generator(cfg.seed, NEGATIVE_STREAM, device)
+    gens = Generators(seeded_generator(cfg.seed, ORDER_STREAM, device),
+                      seeded_generator(cfg.seed, NEGATIVE_STREAM, device),
+                      seeded_generator(cfg.seed, SHUFFLE_STREAM, device))  # apart: an epoch's pairs don't depend on chunks
     model.to(device)
+    dropout_gen = seeded_generator(cfg.seed, DROPOUT_STREAM, device)  # one stream for every dropout layer
     for module in model.modules():
         if hasattr(module, "dropout_generator"):
-            module.dropout_generator = seeded_generator(cfg.seed, DROPOUT_STREAM, device)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    loss_fn = torch.nn.BCEWithLogitsLoss(reduction="sum")
-    sampler = NegativeSampler(train, device)
-    pos_users, pos_items = positives(train, device)
-    n_pairs = len(pos_users) * (1 + cfg.negatives)
-    batch, k = cfg.batch_size, cfg.topK
+            module.dropout_generator = dropout_gen
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.batch_size)
+    objective = (getattr(model, "objective", None) or PairObjective)(model, train, cfg, device)
+    if val is not None and hasattr(model, "use_history"):
+        model.use_history(train)  # a sequence model scores the validation item from the train sequence
+    k = cfg.topK
     curve: list[EpochStats] = []
     best_state, best_key, best_epoch = None, (-1.0, -1.0), 0
     for epoch in range(1, cfg.epochs + 1):
         start = time.perf_counter()
         model.train()
         total = torch.zeros((), dtype=torch.float64, device=device)
-        for users, items, labels in epoch_chunks(pos_users, pos_items, sampler, cfg.negatives, cfg.chunk_pairs,
-                                                 order_gen, negative_gen, shuffle_gen):
-            for lo in range(0, len(labels), batch):
-                y = labels[lo:lo + batch]
-                loss = loss_fn(model(users[lo:lo + batch], items[lo:lo + batch]), y)
-                optimizer.zero_grad(set_to_none=True)
-                (loss / len(y)).backward()
-                optimizer.step()
-                total += loss.detach()
-        mean_loss = float(total) / n_pairs
+        count = torch.zeros((), dtype=torch.float64, device=device)
+        for batch in objective.batches(gens):
+            loss, n = objective.loss(batch)
+            optimizer.zero_grad(set_to_none=True)
+            (loss / n).backward()
+            optimizer.step()
+            total += loss.detach()
+            count += n
+        mean_loss = float(total) / max(float(count), 1.0)
         if not math.isfinite(mean_loss):
             raise PipelineError(
                 f"{name}: training diverged at epoch {epoch} (loss is {mean_loss}); try a smaller lr "

@@ -120,7 +120,7 @@ def test_every_section_field_is_covered() -> None:
     mlp_keys = {"lr", "layers", "epochs", "batch_size", "negatives", "weight_decay", "dropout"}
     assert mlp_keys | {"refit", "candidate_seed", "models", "fused", "gmf.lr", "mf.factors", "neumf.lr",
                        "neumf.dropout", "ease.lambda"} <= set(PARAM_SPECS)
-    assert SECTIONS == ["ease", "gmf", "mf", "neumf"]
+    assert SECTIONS == ["ease", "gmf", "mf", "neumf", "sasrec"]
     assert not {"mlp", "itempop", "neumf.layers", "neumf.factors"} & set(PARAM_SPECS)
 
 

@@ -636,6 +636,6 @@ def test_thread_settings_do_not_change_the_bytes(template, fenv, tmp_path):
     assert digests(tmp_path / "omp2", files) == one
     # Two intra-op threads may round differently (hence THREADS = 1): the forced run only has to finish.
     forced = json.loads((tmp_path / "forced2/test.json").read_text())
-    assert list(forced) == ["k", *MODELS], forced
+    assert list(forced) == ["k", "full_rank_users", *MODELS], forced
     assert all("refitted on train + validation" in line for line in logs["forced2"].splitlines()
                if ": best epoch" in line), logs["forced2"]

@@ -46,7 +46,8 @@ def project(tmp_path_factory, env) -> SimpleNamespace:
 def check_metrics(root: Path, models: list[str]) -> dict:
     """metrics/test.json and metrics/hr_at_k/ hold exactly `models`, each with every metric, sane."""
     metrics = json.loads((root / "metrics/test.json").read_text())
-    assert list(metrics) == ["k", *models] and metrics["k"] == 10, metrics
+    assert list(metrics) == ["k", "full_rank_users", *models] and metrics["k"] == 10, metrics
+    assert metrics["full_rank_users"] == 60, metrics  # every test user of the tiny data: fewer than full_rank_users
     for model in models:
         m = metrics[model]
         assert set(m) == {"hr", "ndcg", "mrr", "full"} and set(m["full"]) == {"hr", "ndcg", "mrr"}, (model, m)
@@ -191,7 +192,7 @@ def test_mlp_knobs_rerun_only_train_mlp_and_its_readers(project, env) -> None:
     assert experiments[names["'layers=[64,32,16,8]'"]]["params"]["params.yaml"]["data"]["layers"] == [64, 32, 16, 8]
     for data in experiments.values():
         test = data["metrics"]["metrics/test.json"]["data"]
-        assert set(test) == {"k", *ALL_MODELS} and {"hr", "ndcg", "mrr", "full"} <= set(test["mlp"]), test
+        assert set(test) == {"k", "full_rank_users", *ALL_MODELS} and {"hr", "ndcg", "mrr", "full"} <= set(test["mlp"]), test
     header, *table = csv.reader(io.StringIO(run(f"{DVC} exp show --csv", root, env, stdout_only=True)))
     assert {"lr", "layers", "negatives", "topK", "mlp.hr", "itempop.hr", "gmf.lr"} <= set(header), header
     row = next(row for row in table if names["lr=0.01"] in row)
@@ -221,7 +222,7 @@ def test_dropping_models(project, env) -> None:
     assert "train@gmf" not in listed and "fuse@neumf" not in listed, listed
     assert set(listed) == stages(["mf", "ease"], []), listed  # (dvc.lock keeps the old entries: DVC's way)
     metrics = check_metrics(root, ["itempop", "mlp", "mf", "ease"])
-    assert set(metrics) == {"k", "itempop", "mlp", "mf", "ease"}
+    assert set(metrics) == {"k", "full_rank_users", "itempop", "mlp", "mf", "ease"}
     assert "GMF" not in (root / "metrics/report.md").read_text()
 
 

@@ -12,6 +12,7 @@ from pipeline.common import PipelineError
 from pipeline.metrics import heldout_rank
 from pipeline.models import (EASE, GMF, MAX_EASE_ITEMS, MF, MLP, MODEL_CLASSES, REGISTRY, ItemPop, NeuMF, PairScorer,
                              load_model, load_state)
+from pipeline.sasrec import SASRec
 
 N_USERS, N_ITEMS = 7, 11
 
@@ -193,12 +194,13 @@ def make_model(name: str, seed: int = 0, dropout: float = 0.0) -> PairScorer:
     return model
 
 
-NEURAL = sorted(MODEL_CLASSES)  # gmf, mf, mlp, neumf
+NEURAL = sorted(name for name, cls in MODEL_CLASSES.items() if issubclass(cls, PairScorer))  # gmf, mf, mlp, neumf
 NAMED = {MLP: "an MLP", GMF: "a GMF", MF: "an MF", NeuMF: "a NeuMF"}  # as the error messages say them
 
 
-def test_model_classes_are_the_four_neural_models():
-    assert MODEL_CLASSES == {"mlp": MLP, "gmf": GMF, "mf": MF, "neumf": NeuMF}
+def test_model_classes_are_the_five_neural_models():
+    assert MODEL_CLASSES == {"mlp": MLP, "gmf": GMF, "mf": MF, "neumf": NeuMF, "sasrec": SASRec}
+    assert NEURAL == ["gmf", "mf", "mlp", "neumf"]  # the pair scorers; SASRec's own tests: test_sasrec.py
 
 
 @pytest.mark.parametrize("name", NEURAL)
@@ -447,21 +449,67 @@ def test_ease_fit_returns_the_checkpoint_for_its_section():
 
 def test_ease_refuses_too_many_items(monkeypatch):
     monkeypatch.setattr("pipeline.models.MAX_EASE_ITEMS", N_ITEMS - 1)
-    with pytest.raises(PipelineError, match=f"ease: {N_ITEMS} items.*Remove ease from 'models'"):
+    with pytest.raises(PipelineError, match=f"ease: {N_ITEMS} items.*GiB in float32.*Remove ease from 'models'"):
         EASE.fit(dense_history(), {"lambda": 1.0})
-    assert MAX_EASE_ITEMS == 30_000
+    assert MAX_EASE_ITEMS == 40_000  # ml-20m's 26,744 items fit (2.9 GB in float32)
+
+
+def test_ease_float32_above_the_exact_limit_gives_the_same_ranks(monkeypatch):
+    train = dense_history(seed=5)
+    exact = EASE.weights_for(train, 2.0)
+    monkeypatch.setattr("pipeline.models.EXACT_EASE_ITEMS", N_ITEMS - 1)  # this matrix now goes float32
+    single = EASE.weights_for(train, 2.0)
+    torch.testing.assert_close(single, exact, rtol=1e-4, atol=1e-5)
+    users = np.arange(train.shape[0])
+    torch.testing.assert_close(EASE(single, train).score_all(users), EASE(exact, train).score_all(users),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_gram_matrix_in_chunks_equals_the_sparse_product():
+    from pipeline.models import gram_matrix
+    train = dense_history(seed=6)
+    expected = (train.T @ train).toarray()
+    for max_entries in (1, 7, 1 << 26):
+        np.testing.assert_array_equal(gram_matrix(train, max_entries=max_entries), expected)
+        np.testing.assert_array_equal(gram_matrix(train, np.float32, max_entries=max_entries), expected)
+
+
+def test_ease_score_gathers_the_same_scores_as_score_all():
+    rng = np.random.default_rng(3)
+    train = dense_history(seed=7)
+    model = EASE(EASE.weights_for(train, 2.0), train)
+    users = rng.permutation(train.shape[0])
+    items = rng.integers(0, train.shape[1], size=(len(users), 5))
+    expected = np.take_along_axis(model.score_all(users).numpy(), items, axis=1)
+    for max_gathers in (1, 13, 1 << 24):  # one user per chunk, a few, all
+        np.testing.assert_allclose(model.score(users, items, max_gathers=max_gathers), expected, rtol=1e-5,
+                                   atol=1e-6)
+
+
+def test_chunk_bounds_cover_everything_once_within_budget():
+    from pipeline.models import chunk_bounds
+    rng = np.random.default_rng(0)
+    for budget in (1, 5, 50):
+        costs = rng.integers(0, 12, size=40)
+        bounds = chunk_bounds(costs, budget)
+        assert [lo for lo, _ in bounds][1:] == [hi for _, hi in bounds][:-1] and bounds[0][0] == 0
+        assert bounds[-1][1] == len(costs) and all(hi > lo for lo, hi in bounds)
+        # a chunk goes over the budget by at most one item's cost
+        assert all(costs[lo:hi].sum() <= budget + costs[lo:hi].max() for lo, hi in bounds)
+    assert chunk_bounds(np.array([], dtype=int), 5) == []
 
 
 # --- the registry: every model built, saved and rebuilt the way the stages do it ------------------
 
-def test_registry_holds_exactly_the_six_models():
+def test_registry_holds_exactly_the_seven_models():
     from pipeline.params import LABELS, MODEL_NAMES
-    assert REGISTRY == {"itempop": ItemPop, "mlp": MLP, "gmf": GMF, "mf": MF, "ease": EASE, "neumf": NeuMF}
+    assert REGISTRY == {"itempop": ItemPop, "mlp": MLP, "gmf": GMF, "mf": MF, "ease": EASE, "neumf": NeuMF,
+                        "sasrec": SASRec}
     assert set(REGISTRY) == set(MODEL_NAMES)
     assert MODEL_CLASSES == {name: cls for name, cls in REGISTRY.items() if cls.neural}
     for name, cls in REGISTRY.items():
         assert cls.label == LABELS[name]
-        assert cls.neural is (name in ("mlp", "gmf", "mf", "neumf"))
+        assert cls.neural is (name in ("mlp", "gmf", "mf", "neumf", "sasrec"))
         assert callable(cls.from_state)
         assert callable(getattr(cls, "fit" if not cls.neural else "from_params"))
 
@@ -496,7 +544,7 @@ def build_from_registry(name: str, train: sp.csr_matrix) -> tuple[object, dict]:
     return model, model.state_dict()
 
 
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+@pytest.mark.parametrize("name", sorted(set(REGISTRY) - {"sasrec"}))  # SASRec reads a History: test_sasrec.py
 def test_every_model_round_trips_through_from_state(name, tmp_path):
     train = dense_history(seed=7)
     model, state = build_from_registry(name, train)

@@ -351,7 +351,7 @@ def test_model_section(base):
 
 
 def test_every_model_has_a_label():
-    assert set(LABELS) == set(MODEL_NAMES) == {"itempop", "mlp", "gmf", "mf", "ease", "neumf"}
+    assert set(LABELS) == set(MODEL_NAMES) == {"itempop", "mlp", "gmf", "mf", "ease", "neumf", "sasrec"}
     assert LABELS["mlp"] == "MLP" and LABELS["neumf"] == "NeuMF" and LABELS["itempop"] == "ItemPop"
 
 

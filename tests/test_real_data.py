@@ -65,7 +65,7 @@ def test_pipeline_on_ml100k(tmp_path: Path) -> None:
     assert len(split.test_users) == len(split.val_users) == 943
 
     metrics = json.loads((tmp_path / "metrics/test.json").read_text())
-    assert list(metrics) == ["k", *MODELS]
+    assert list(metrics) == ["k", "full_rank_users", *MODELS] and metrics["full_rank_users"] == 943
     assert 0.36 <= metrics["itempop"]["hr"] <= 0.45  # the seed notebook reports 0.406
     assert 0.50 <= metrics["mlp"]["hr"] <= 0.75  # 3 epochs: well above ItemPop, below a full run
     assert metrics["mlp"]["hr"] > metrics["itempop"]["hr"] + 0.08

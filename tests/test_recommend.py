@@ -107,7 +107,7 @@ def test_report_has_every_model_and_the_charts(built: Path) -> None:
     report = (built / "metrics/report.md").read_text()
     metrics = json.loads((built / "metrics/test.json").read_text())
     bars = json.loads((built / "metrics/intervals.json").read_text())
-    assert list(metrics) == ["k", *MODELS] and set(bars["models"]) == set(MODELS)
+    assert list(metrics) == ["k", "full_rank_users", *MODELS] and set(bars["models"]) == set(MODELS)
     for name, label in [("itempop", "ItemPop"), ("mlp", "MLP"), ("ease", "EASE")]:
         row = next(line for line in report.splitlines() if line.startswith(f"| {label} |"))
         cells = [c.strip() for c in row.strip("|").split("|")]

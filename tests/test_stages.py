@@ -175,7 +175,7 @@ def test_mlp_stage_then_evaluate(prepared: Path) -> None:
     proc = stage("evaluate", *EVALUATE_ARGS, cwd=prepared)
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((prepared / "metrics/test.json").read_text())
-    assert set(metrics) == {"k", "itempop", "mlp"} and metrics["k"] == 10
+    assert set(metrics) == {"k", "full_rank_users", "itempop", "mlp"} and metrics["k"] == 10
     for name in ("itempop", "mlp"):
         assert set(metrics[name]) == {"hr", "ndcg", "mrr", "full"}
         assert set(metrics[name]["full"]) == {"hr", "ndcg", "mrr"}
@@ -202,3 +202,71 @@ def test_neumf_needs_the_gmf_and_mlp_checkpoints(prepared: Path) -> None:
     err = user_error(stage("train", "neumf", *TRAIN_ARGS, cwd=prepared))
     assert "data/models/gmf.trainonly.pt: not found; run `dvc repro` to train gmf" in err
     assert not (prepared / "data/models/neumf.pt").exists() and not (prepared / "metrics/training").exists()
+
+
+# --- full ranking of a seeded sample of test users (full_rank_users) ------------------------------
+
+def test_full_rank_sample_is_seeded_sorted_and_all_when_small() -> None:
+    from pipeline.evaluate import full_rank_sample
+    sample = full_rank_sample(1000, 100, seed=5)
+    assert len(sample) == 100 == len(np.unique(sample)) and np.all(np.diff(sample) > 0)
+    assert 0 <= sample.min() and sample.max() < 1000
+    np.testing.assert_array_equal(sample, full_rank_sample(1000, 100, seed=5))  # stable
+    assert not np.array_equal(sample, full_rank_sample(1000, 100, seed=6))  # seeded
+    for limit in (0, 1000, 5000):  # 0 means all; so does a limit at or above the number of users
+        np.testing.assert_array_equal(full_rank_sample(1000, limit, seed=5), np.arange(1000))
+
+
+def test_full_rank_users_samples_the_full_ranking_exactly(prepared: Path) -> None:
+    """A sample of all users gives the full metrics exactly; a smaller one is the same per-user ranks,
+    restricted to the sample, named in test.json, with wider intervals; compare refuses to mix them."""
+    from pipeline.compare import Run, compare
+    from pipeline.evaluate import UNRANKED
+    from pipeline.stats import per_user, interval
+    set_models(prepared, ["itempop", "mlp"])
+    set_params(prepared, epochs=2, layers=[16, 8], batch_size=256)
+    assert stage("sample_negatives", "data/prepared", "data/candidates", cwd=prepared).returncode == 0
+    train("itempop", prepared)
+    train("mlp", prepared)
+
+    def evaluate(limit: int) -> tuple[dict, dict, dict]:
+        set_params(prepared, full_rank_users=limit)
+        proc = stage("evaluate", *EVALUATE_ARGS, cwd=prepared)
+        assert proc.returncode == 0, proc.stderr
+        with np.load(prepared / "data/ranks.npz") as z:
+            ranks = {key: z[key] for key in z.files}
+        return (json.loads((prepared / "metrics/test.json").read_text()),
+                json.loads((prepared / "metrics/intervals.json").read_text()), ranks)
+
+    every, every_bars, every_ranks = evaluate(0)
+    n = len(every_ranks["users"])
+    assert every["full_rank_users"] == every_bars["full_rank_users"] == n == 60
+    for limit in (n, 10_000):  # a sample of at least every user is every user: the same outputs
+        metrics, bars, ranks = evaluate(limit)
+        assert metrics == every and bars == every_bars
+        assert all(np.array_equal(ranks[key], every_ranks[key]) for key in every_ranks)
+
+    some, some_bars, some_ranks = evaluate(20)
+    assert some["full_rank_users"] == some_bars["full_rank_users"] == 20
+    for model in ("itempop", "mlp"):
+        full = some_ranks[f"{model}/full"]
+        ranked = full != UNRANKED
+        assert ranked.sum() == 20
+        np.testing.assert_array_equal(full[ranked], every_ranks[f"{model}/full"][ranked])  # same users, same ranks
+        np.testing.assert_array_equal(some_ranks[f"{model}/sampled"], every_ranks[f"{model}/sampled"])
+        expected = per_user(every_ranks[f"{model}/full"][ranked], 10)
+        assert some[model]["full"]["hr"] == round(float(expected["hr"].mean()), 6)
+        assert some[model]["full"]["ndcg"] == round(float(expected["ndcg"].mean()), 6)
+        assert some[model]["hr"] == every[model]["hr"]  # the sampled protocol still scores everyone
+        width = lambda bars, metric: bars["models"][model]["full"][metric]["hi"] - bars["models"][model]["full"][metric]["lo"]  # noqa: E731
+        assert round(width(some_bars, "mrr"), 5) == round(2 * (interval(expected["mrr"]).half_width), 5)
+        assert width(some_bars, "mrr") > width(every_bars, "mrr")
+
+    def run(ranks: dict, name: str) -> Run:
+        return Run(name, ranks["users"], str(ranks["test_set"]), str(ranks["dataset"]), int(ranks["k"]),
+                   {m: {p: ranks[f"{m}/{p}"] for p in ("sampled", "full")} for m in ("itempop", "mlp")})
+
+    with pytest.raises(Exception, match="cannot compare: the runs fully ranked different samples"):
+        compare([run(every_ranks, "a")], [run(some_ranks, "b")])
+    _, rows = compare([run(some_ranks, "a")], [run(some_ranks, "b")])
+    assert all(row["diff"].mean == 0 for row in rows)

@@ -20,10 +20,10 @@ import torch
 import pipeline.training as training
 from pipeline.common import PipelineError
 from pipeline.data import Candidates, Split
-from pipeline.models import EASE, GMF, MF, MLP, MODEL_CLASSES, NeuMF
+from pipeline.models import EASE, GMF, MF, MLP, MODEL_CLASSES, NeuMF, pick_device
 from pipeline.train import build, checkpoint_paths, save_checkpoint, train_closed_form, train_neural
 from pipeline.training import (CHUNK_PAIRS, EpochStats, FitConfig, NegativeSampler, curve_csv, epoch_chunks,
-                               evaluate_ranking, fit, fit_and_refit, make_optimizer, pick_device, positives,
+                               evaluate_ranking, fit, fit_and_refit, make_optimizer, positives,
                                seeded_generator)
 
 N_USERS, N_ITEMS = 40, 30
@@ -153,7 +153,7 @@ def test_kept_state_is_the_earliest_best_epochs(monkeypatch):
     assert not torch.equal(model.state_dict()["user_embedding.weight"], state["user_embedding.weight"])
 
 
-@pytest.mark.parametrize("name", sorted(MODEL_CLASSES))
+@pytest.mark.parametrize("name", ["gmf", "mf", "mlp", "neumf"])  # SASRec's: test_sasrec.py
 def test_training_is_deterministic(name):
     train_csr, val, _ = planted_problem(n_users=20, n_items=16)
     cfg = FitConfig(seed=7, lr=0.01, weight_decay=0.01, epochs=3, batch_size=64, negatives=2, topK=1)
@@ -460,12 +460,56 @@ def test_curve_csv():
     assert text == "epoch,loss,val_hr,val_ndcg\n1,0.693100,0.250000,0.125000\n2,,1.000000,0.333333\n"
 
 
-def test_make_optimizer_is_fused_adam_over_every_parameter():
+def test_make_optimizer_is_fused_adam_over_every_parameter_of_small_tables():
     model = NeuMF(5, 6, 2, [4, 2])
-    opt = make_optimizer(model, 0.01, 0.001)
-    assert isinstance(opt, torch.optim.Adam)
-    assert opt.defaults["lr"] == 0.01 and opt.defaults["weight_decay"] == 0.001 and opt.defaults["fused"]
-    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    opt = make_optimizer(model, 0.01, 0.001, batch_size=4)  # every table has at most 8 x 4 rows: dense
+    assert len(opt.optimizers) == 1
+    adam = opt.optimizers[0]
+    assert isinstance(adam, torch.optim.Adam)
+    assert adam.defaults["lr"] == 0.01 and adam.defaults["weight_decay"] == 0.001 and adam.defaults["fused"]
+    assert sum(len(g["params"]) for g in adam.param_groups) == len(list(model.parameters()))
+    assert not any(m.sparse for m in model.modules() if isinstance(m, torch.nn.Embedding))
+
+
+def test_make_optimizer_updates_large_tables_lazily():
+    model = MLP(100, 12, [8, 4])  # at batch 2: the user table (100 rows > 16) is lazy, the item table not
+    opt = make_optimizer(model, 0.01, 0.001, batch_size=2)
+    adam, lazy = opt.optimizers
+    assert isinstance(lazy, training.LazyAdam) and isinstance(adam, torch.optim.Adam)
+    assert [id(p) for g in lazy.param_groups for p in g["params"]] == [id(model.user_embedding.weight)]
+    assert model.user_embedding.sparse and not model.item_embedding.sparse
+    assert sum(len(g["params"]) for g in adam.param_groups) == len(list(model.parameters())) - 1
+
+
+def test_lazy_adam_equals_adam_where_every_row_is_touched():
+    """With a gradient on every row at every step, LazyAdam is Adam (with L2 weight decay)."""
+    torch.manual_seed(0)
+    dense_table, lazy_table = torch.nn.Embedding(6, 3), torch.nn.Embedding(6, 3, sparse=True)
+    lazy_table.load_state_dict(dense_table.state_dict())
+    adam = torch.optim.Adam(dense_table.parameters(), lr=0.05, weight_decay=0.01)
+    lazy = training.LazyAdam(lazy_table.parameters(), lr=0.05, weight_decay=0.01)
+    rows = torch.tensor([0, 1, 2, 3, 4, 5, 2, 5])  # repeated rows: their gradients add up
+    target = torch.randn(8, 3)
+    for _ in range(4):
+        for table, opt in ((dense_table, adam), (lazy_table, lazy)):
+            opt.zero_grad()
+            ((table(rows) - target) ** 2).sum().backward()
+            opt.step()
+    torch.testing.assert_close(lazy_table.weight, dense_table.weight, rtol=1e-6, atol=1e-6)
+
+
+def test_lazy_adam_leaves_untouched_rows_alone():
+    torch.manual_seed(0)
+    table = torch.nn.Embedding(10, 3, sparse=True)
+    before = table.weight.detach().clone()
+    opt = training.LazyAdam(table.parameters(), lr=0.1, weight_decay=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        table(torch.tensor([1, 4])).sum().backward()
+        opt.step()
+    moved = (table.weight != before).any(dim=1)
+    assert moved.tolist() == [i in (1, 4) for i in range(10)]
+    assert not opt.state[table.weight]["exp_avg"][[0, 2, 3, 5]].any()
 
 
 def test_pick_device():
@@ -590,12 +634,15 @@ def stage_params(refit: bool = True) -> dict:
         "mf": {**loop, "factors": 4},
         "neumf": {**loop, "dropout": 0.2},
         "ease": {"lambda": 5.0},
+        "sasrec": {**loop, "max_len": 6, "hidden": 8, "blocks": 1, "heads": 2, "dropout": 0.1, "loss": "ce"},
     }
 
 
 def stage_split() -> tuple[Split, Candidates]:
     train_csr, val, test = planted_problem(20, 16)
-    return Split(train_csr, val.users, val.items[:, 0], np.arange(20), test), val
+    # time order within each user: the train items in reverse id order (any fixed order will do)
+    order = np.concatenate([train_csr.indices[lo:hi][::-1] for lo, hi in zip(train_csr.indptr, train_csr.indptr[1:])])
+    return Split(train_csr, val.users, val.items[:, 0], np.arange(20), test, train_order=order), val
 
 
 def train_sources(split: Split, val: Candidates, params: dict, models_dir) -> None:
@@ -616,13 +663,13 @@ def test_train_neural_equals_its_parts(name, refit, tmp_path):
         train_sources(split, val, params, tmp_path)
     state, train_only, curve, best = train_neural(name, split, val, params, CPU, tmp_path)
     assert len(curve) == 3 and 1 <= best <= 3
-    cls = MODEL_CLASSES[name]
-    model = cls.from_state_dict(train_only)
+    model = MODEL_CLASSES[name].from_state(train_only, split.history(val=False))
     assert evaluate_ranking(model, val, 1) == pytest.approx((curve[best - 1].val_hr, curve[best - 1].val_ndcg))
     section = params[name] if name != "mlp" else params
     cfg = FitConfig.from_section(section, params["seed"], params["topK"])
     # the validated run: a plain fit of the freshly built (train-only sources') model
-    chosen, plain_curve, plain_best = fit(build(name, 20, 16, params, tmp_path, False), split.train, val, cfg)
+    chosen, plain_curve, plain_best = fit(build(name, 20, 16, params, tmp_path, False), split.history(val=False), val,
+                                          cfg)
     assert plain_best == best and all(torch.equal(train_only[k], chosen[k]) for k in chosen)
     if not refit:
         assert state is train_only
@@ -635,7 +682,7 @@ def test_train_neural_equals_its_parts(name, refit, tmp_path):
         assert fresh.mlp.dropout == 0.2
         other = build(name, 20, 16, params, tmp_path, False)
         assert not torch.equal(other.gmf.user_embedding.weight, gmf.user_embedding.weight)
-    expected, _, _ = fit(fresh, split.train_and_val(), None, FitConfig(**{**vars(cfg), "epochs": best}))
+    expected, _, _ = fit(fresh, split.history(val=True), None, FitConfig(**{**vars(cfg), "epochs": best}))
     assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
     assert any(not torch.equal(state[k], train_only[k]) for k in state)
     # the same params give the same bits
