@@ -18,6 +18,19 @@ from typing import Any, Callable, Iterator
 THREADS = 1
 
 
+def inverted_dropout(x, p: float, generator):
+    """Inverted dropout of tensor x with rate p, drawn from `generator` when one is set (else torch's global one).
+
+    The training loop gives each model's dropout a seeded generator of its own, so that a run's draws
+    do not depend on what else uses torch's global generator (a refit in a thread beside it)."""
+    import torch  # here, not at the top: the data stages do not need torch
+
+    if generator is None:
+        return torch.nn.functional.dropout(x, p, True)
+    keep = torch.rand(x.shape, generator=generator, device=x.device) >= p
+    return x * keep / (1.0 - p)
+
+
 def configure_torch() -> None:
     """Set up torch for a stage: THREADS threads, and subnormal floats flushed to zero.
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.common import PipelineError, run_stage
-from pipeline.stats import paired, per_user, verdict
+from pipeline.stats import UNRANKED, paired, per_user, verdict
 from pipeline.summary import PROTOCOL_NAMES, label
 
 log = logging.getLogger("compare")
@@ -93,7 +93,7 @@ def check_comparable(runs: list[Run]) -> None:
 
 def ranked(run: Run, model: str, protocol: str) -> np.ndarray:
     """Which test users a protocol ranked (full ranking may rank a seeded sample of them)."""
-    return run.ranks[model][protocol] >= 0
+    return run.ranks[model][protocol] != UNRANKED
 
 
 def pooled(side: list[Run], model: str, protocol: str, k: int, users: np.ndarray) -> dict[str, np.ndarray]:

@@ -31,7 +31,7 @@ from pipeline.data import Candidates, load_candidates, load_split
 from pipeline.metrics import full_ranks, heldout_rank, hit_ratio, hit_ratio_curve, mrr, ndcg
 from pipeline.models import load_model, pick_device
 from pipeline.params import load_params, trained_models
-from pipeline.stats import interval, paired, per_user, verdict
+from pipeline.stats import UNRANKED, interval, paired, per_user, verdict
 
 log = logging.getLogger("evaluate")
 
@@ -39,7 +39,6 @@ CURVE_MAX_K = 20
 PROTOCOLS = ("sampled", "full")
 BASELINE = "itempop"
 FULL_RANK_STREAM = 7  # random stream of candidate_seed that picks the fully ranked users
-UNRANKED = -1  # the full rank of a test user outside the full-ranking sample
 
 
 def full_rank_sample(n_users: int, limit: int, seed: int) -> np.ndarray:

@@ -16,7 +16,7 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from pipeline.common import PipelineError
+from pipeline.common import PipelineError, inverted_dropout
 from pipeline.data import History, matrix_of
 
 
@@ -196,11 +196,7 @@ class MLP(PairScorer):
         return x
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
-        """Inverted dropout, drawn from dropout_generator when one is set (else torch's global one)."""
-        if self.dropout_generator is None:
-            return nn.functional.dropout(x, self.dropout, True)
-        keep = torch.rand(x.shape, generator=self.dropout_generator, device=x.device) >= self.dropout
-        return x * keep / (1.0 - self.dropout)
+        return inverted_dropout(x, self.dropout, self.dropout_generator)
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Return one logit per (user, item) pair, shaped like `users`."""

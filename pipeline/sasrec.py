@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.common import PipelineError
+from pipeline.common import PipelineError, inverted_dropout
 from pipeline.data import History
 
 
@@ -44,10 +44,7 @@ class GeneratorDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        if self.dropout_generator is None:
-            return nn.functional.dropout(x, self.p, True)
-        keep = torch.rand(x.shape, generator=self.dropout_generator, device=x.device) >= self.p
-        return x * keep / (1.0 - self.p)
+        return inverted_dropout(x, self.p, self.dropout_generator)
 
 
 class Block(nn.Module):
@@ -105,8 +102,6 @@ class SASRec(nn.Module):
     @classmethod
     def from_state(cls, state: Mapping[str, torch.Tensor], history: History) -> "SASRec":
         """The saved model, in eval mode, reading users from `history` (a History: it needs the order)."""
-        if not isinstance(history, History):
-            raise TypeError("SASRec reads each user's items in time order: give it a History, not a matrix")
         try:
             n_items, hidden = state["item_embedding.weight"].shape
             blocks = len({k.split(".")[1] for k in state if k.startswith("blocks.")})

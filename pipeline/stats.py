@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import stdtr, stdtrit  # Student's t CDF and its inverse (scipy.stats: 0.5 s to import)
 
+UNRANKED = -1  # a per-user rank that was not computed (full ranking of a sample of the test users)
 LEVEL = 0.95
 
 
