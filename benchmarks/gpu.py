@@ -29,7 +29,9 @@ from pipeline.build_matrix import build  # noqa: E402
 from pipeline.data import Candidates  # noqa: E402
 from pipeline.evaluate import full_rank_sample  # noqa: E402
 from pipeline.metrics import full_ranks, heldout_rank  # noqa: E402
-from pipeline.models import GMF, MLP, NeuMF  # noqa: E402
+from pipeline.models.gmf import GMF  # noqa: E402
+from pipeline.models.mlp import MLP  # noqa: E402
+from pipeline.models.neumf import NeuMF  # noqa: E402
 from pipeline.params import load_params, model_section  # noqa: E402
 from pipeline.sampling import ComplementSampler  # noqa: E402
 from pipeline.synthetic import SHAPES, generate  # noqa: E402

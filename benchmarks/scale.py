@@ -104,7 +104,7 @@ def throughput(steps: int = 150, batch: int = 2048) -> list[dict]:
 import sys, time, json, torch
 sys.path.insert(0, {str(REPO)!r})
 from pipeline.common import configure_torch
-from pipeline.models import MLP
+from pipeline.models.mlp import MLP
 from pipeline.params import load_params, model_section
 from pipeline.training import make_optimizer
 configure_torch()

@@ -52,7 +52,7 @@ def thread_check() -> dict:
         "import sys, hashlib, torch, numpy as np, scipy.sparse as sp\n"
         f"sys.path.insert(0, {str(REPO)!r})\n"
         "from pipeline.common import configure_torch\n"
-        "from pipeline.models import MLP\n"
+        "from pipeline.models.mlp import MLP\n"
         "from pipeline.params import load_params, model_section\n"
         "from pipeline.training import FitConfig, fit\n"
         "configure_torch(); torch.set_num_threads(int(sys.argv[1]))\n"

@@ -26,13 +26,6 @@ from pipeline.params import load_params
 
 log = logging.getLogger("build_matrix")
 
-RATING_COLUMNS = ["user_id", "movie_id", "rating", "timestamp"]
-
-
-def read_ratings(path: Path) -> pd.DataFrame:
-    """Read an ml-100k u.data file (see pipeline.datasets.read_interactions)."""
-    return read_interactions(path, DATASETS["ml-100k"].ratings_table)
-
 
 def custom_table(params: dict) -> Table:
     """Return the Table that the custom_* params describe."""
@@ -124,22 +117,6 @@ def latest_two(sorted_users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return eligible & (from_end == 1), eligible & (from_end == 0)
 
 
-def leave_one_out(users: np.ndarray, timestamps: np.ndarray, tie_break: np.ndarray
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Return (val_mask, test_mask): each eligible user's second latest and latest interaction.
-
-    Order within a user is by timestamp, then by `tie_break` (larger counts as later). Users with
-    fewer than 3 interactions get neither (all their interactions stay in train).
-    """
-    order = chronological_order(users, timestamps, tie_break)
-    val_sorted, test_sorted = latest_two(np.asarray(users)[order])
-    val_mask = np.zeros(len(order), dtype=bool)
-    test_mask = np.zeros(len(order), dtype=bool)
-    val_mask[order] = val_sorted
-    test_mask[order] = test_sorted
-    return val_mask, test_mask
-
-
 def _codes(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """Return (0-based code per row, original ids sorted); all-integer string ids sort as numbers."""
     if values.dtype == object:
@@ -208,7 +185,7 @@ def main() -> None:
     parser.add_argument("raw_dir", type=Path, help="what the download stage wrote")
     parser.add_argument("out_dir", type=Path, help="directory to write the split into")
     args = parser.parse_args()
-    params = load_params()
+    params = load_params(models=())
     ratings, titles = read_source(args.raw_dir, params)
     ratings = keep_rated(ratings, params["min_rating"])
     split, users, items = build(ratings, titles)

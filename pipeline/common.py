@@ -44,6 +44,18 @@ def configure_torch() -> None:
     torch.set_flush_denormal(True)
 
 
+def pick_device(choice: str):
+    """Return the torch device for the `device` param: auto (cuda if present, else cpu), cpu or cuda."""
+    import torch  # here, not at the top: the data stages do not need torch
+
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("params.yaml: 'device' is 'cuda', but PyTorch sees no CUDA device here; "
+                            "use 'auto' or 'cpu'")
+    return torch.device(choice)
+
+
 class PipelineError(Exception):
     """A problem the user can fix (bad input file, bad param, missing data): printed, not traced."""
 

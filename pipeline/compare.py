@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.common import PipelineError, run_stage
-from pipeline.stats import UNRANKED, paired, per_user, verdict
+from pipeline.metrics import per_user
+from pipeline.stats import UNRANKED, paired, verdict
 from pipeline.summary import PROTOCOL_NAMES, label
 
 log = logging.getLogger("compare")

@@ -199,7 +199,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path, help="directory to write the dataset's files into")
     args = parser.parse_args()
-    params = load_params()
+    params = load_params(models=())
     verify = os.environ.get("MOVIELENS_SKIP_VERIFY", "") not in ("1", "true", "yes")
     download(args.out_dir, params["dataset"], os.environ.get("MOVIELENS_MIRROR") or None, verify,
              params["custom_path"])

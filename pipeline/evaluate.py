@@ -25,19 +25,19 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 
-from pipeline.common import PipelineError, atomic_output, configure_torch, run_stage, write_json
+from pipeline.common import PipelineError, atomic_output, configure_torch, pick_device, run_stage, write_json
 from pipeline.data import Candidates, load_candidates, load_split
-from pipeline.metrics import full_ranks, heldout_rank, hit_ratio, hit_ratio_curve, mrr, ndcg
-from pipeline.models import load_model, pick_device
+from pipeline.metrics import full_ranks, heldout_rank, hit_ratio, hit_ratio_curve, mrr, ndcg, per_user
+from pipeline.models import Model, get as get_model, load_model
 from pipeline.params import load_params, trained_models
-from pipeline.stats import UNRANKED, interval, paired, per_user, verdict
+from pipeline.stats import UNRANKED, interval, paired, verdict
 
 log = logging.getLogger("evaluate")
 
 CURVE_MAX_K = 20
 PROTOCOLS = ("sampled", "full")
-BASELINE = "itempop"
 FULL_RANK_STREAM = 7  # random stream of candidate_seed that picks the fully ranked users
 
 
@@ -56,7 +56,7 @@ def test_set_digest(test: Candidates) -> str:
     return digest.hexdigest()
 
 
-def model_ranks(name: str, model, test: Candidates, seen, ranked: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def model_ranks(name: str, model: Model, test: Candidates, seen: sp.csr_matrix, ranked: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Return {'sampled', 'full'}: each test user's 0-based rank of the held-out item, for one model.
 
     Full ranks are computed for the users at positions `ranked` (default: all); the others get UNRANKED.
@@ -87,19 +87,20 @@ def point_metrics(ranks: dict[str, np.ndarray], k: int) -> dict:
 
 def intervals(all_ranks: dict[str, dict[str, np.ndarray]], k: int) -> dict:
     """95% intervals of every metric, and each model's paired HR@k and NDCG@k difference from the
-    best model (by that protocol's HR@k) and from ItemPop."""
+    best model (by that protocol's HR@k) and from the baseline (the model whose class says so: ItemPop)."""
     values = {name: {p: per_user(ranked_only(r, p), k) for p in PROTOCOLS} for name, r in all_ranks.items()}
     first = next(iter(all_ranks.values()))
     out: dict = {"k": k, "users": len(first["sampled"]), "full_rank_users": len(ranked_only(first, "full")),
                  "method": "t interval over users; differences: paired t-test over users (pipeline/stats.py)",
                  "models": {}}
     best = {p: max(values, key=lambda name: values[name][p]["hr"].mean()) for p in PROTOCOLS}
+    baseline = next((name for name in values if get_model(name).baseline), None)
     out["best"] = best
     for name, by_protocol in values.items():
         entry = {}
         for p, metric_values in by_protocol.items():
             entry[p] = {metric: interval(v).as_dict() for metric, v in metric_values.items()}
-            for label, other in (("vs_best", best[p]), ("vs_itempop", BASELINE)):
+            for label, other in (("vs_best", best[p]), ("vs_itempop", baseline)):
                 if other == name or other not in values:
                     continue
                 entry[p][label] = {"model": other}

@@ -2,11 +2,13 @@
 (the sampled protocol), and over every item a user has not seen (full ranking)."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import scipy.sparse as sp
-import torch
+
+if TYPE_CHECKING:  # torch is imported where it is used: comparing runs needs none
+    import torch
 
 
 def heldout_rank(scores: np.ndarray) -> np.ndarray:
@@ -21,16 +23,25 @@ def heldout_rank(scores: np.ndarray) -> np.ndarray:
     return (scores.shape[1] - 1) - beaten
 
 
+def per_user(ranks: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """Per-user values whose means are HR@k, NDCG@k and MRR, from 0-based ranks (any shape).
+
+    A hit is 1 when the held-out item ranks in the top k; its gain is then 1/log2(rank + 2) (one
+    relevant item per user); its reciprocal rank is 1/(rank + 1), with no cut-off."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    hit = ranks < k
+    return {"hr": hit.astype(np.float64), "ndcg": np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0),
+            "mrr": 1.0 / (ranks + 1.0)}
+
+
 def hit_ratio(ranks: np.ndarray, k: int) -> float:
     """Return HR@k: the fraction of users whose held-out item ranks in the top k."""
-    return float(np.mean(np.asarray(ranks) < k))
+    return float(np.mean(per_user(ranks, k)["hr"]))
 
 
 def ndcg(ranks: np.ndarray, k: int) -> float:
-    """Return NDCG@k for one relevant item per user: mean of 1/log2(rank + 2) over top-k hits."""
-    ranks = np.asarray(ranks)
-    gains = np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
-    return float(np.mean(gains))
+    """Return NDCG@k for one relevant item per user: the mean gain over users."""
+    return float(np.mean(per_user(ranks, k)["ndcg"]))
 
 
 def hit_ratio_curve(ranks: np.ndarray, max_k: int) -> np.ndarray:
@@ -41,7 +52,17 @@ def hit_ratio_curve(ranks: np.ndarray, max_k: int) -> np.ndarray:
 
 def mrr(ranks: np.ndarray) -> float:
     """Return the mean reciprocal rank, 1/(rank + 1), over all users (no cut-off)."""
-    return float(np.mean(1.0 / (np.asarray(ranks) + 1.0)))
+    return float(np.mean(per_user(ranks, 1)["mrr"]))
+
+
+def seen_cells(seen: sp.csr_matrix, users: np.ndarray) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """(rows, items) of the items each of `users` has seen, as index tensors into a [len(users), n_items]
+    score block: what full ranking and recommending leave out."""
+    import torch
+
+    block = seen[users]
+    rows = torch.from_numpy(np.repeat(np.arange(len(users)), np.diff(block.indptr)))
+    return rows, torch.from_numpy(block.indices.astype(np.int64))
 
 
 def full_ranks(score_all: Callable[[np.ndarray], torch.Tensor], users: np.ndarray, heldout: np.ndarray,
@@ -52,6 +73,8 @@ def full_ranks(score_all: Callable[[np.ndarray], torch.Tensor], users: np.ndarra
     (train and validation) are left out, as is the held-out item itself. Ties are pessimistic,
     as in `heldout_rank`: an equal (or NaN) score ranks above the held-out item.
     """
+    import torch
+
     users = np.asarray(users, dtype=np.int64)
     heldout = np.asarray(heldout, dtype=np.int64)
     seen = seen.tocsr()
@@ -64,10 +87,8 @@ def full_ranks(score_all: Callable[[np.ndarray], torch.Tensor], users: np.ndarra
         scores = score_all(u)
         rows = torch.arange(len(u))
         held = scores[rows, torch.from_numpy(items)].clone()
-        block = seen[u]
-        seen_rows = torch.from_numpy(np.repeat(np.arange(len(u)), np.diff(block.indptr)))
         masked = torch.zeros(scores.shape, dtype=torch.bool)
-        masked[seen_rows, torch.from_numpy(block.indices.astype(np.int64))] = True
+        masked[seen_cells(seen, u)] = True
         masked[rows, torch.from_numpy(items)] = True
         # Not strictly below the held-out score (so ties and NaN rank above it), and not masked.
         above = ~(scores < held[:, None]) & ~masked

@@ -8,11 +8,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import yaml
 
 from pipeline.common import PipelineError
+from pipeline.models import get as get_model, list_models
 
 PARAMS_FILE = "params.yaml"
 
@@ -22,7 +23,8 @@ class Spec:
     """One top-level key of params.yaml: its kind and allowed values.
 
     Kinds: 'int', 'float', 'int_list' (in [low, high]); 'choice' (one of `choices`); 'bool';
-    'str' (any text); 'column' (a column name, or a 0-based position; '' for none if `optional`).
+    'str' (any text); 'column' (a column name, or a 0-based position; '' for none if `optional`);
+    'model' (a model's name: a module of pipeline/models/); 'model_list' (distinct names, [] for none).
     """
 
     kind: str
@@ -33,15 +35,17 @@ class Spec:
     choices: tuple[str, ...] = ()
     optional: bool = False
     fields: dict[str, "Spec"] | None = None  # kind 'section': a mapping with exactly these keys
+    doc: str = ""  # what the key means, for its comment in params.yaml and docs/params.md
 
     def describe(self) -> str:
         if self.kind == "choice":
             return "one of " + ", ".join(repr(c) for c in self.choices)
         if self.kind == "section":
             return "a mapping with the keys " + (", ".join(self.fields) or "(none: {})")
-        if self.kind == "choice_list":
-            size = "a list" if self.optional else "a non-empty list"
-            return f"{size} of distinct names from " + ", ".join(self.choices) + (" ([] for none)" if self.optional else "")
+        if self.kind == "model":
+            return "one of the models " + ", ".join(list_models())
+        if self.kind == "model_list":
+            return "a list of distinct model names from " + ", ".join(list_models()) + " ([] for none)"
         if self.kind == "bool":
             return "true or false"
         if self.kind == "str":
@@ -60,30 +64,22 @@ def _fmt(x: float) -> str:
 
 DATASET_NAMES = ("ml-100k", "ml-1m", "ml-20m", "ml-25m", "ml-latest-small", "custom", "synthetic-1m",
                  "synthetic-20m")
-CORE_MODELS = ("itempop", "mlp")  # always trained: stages train_itempop and train_mlp (the user's contract)
-ADDED_MODELS = ("gmf", "mf", "ease", "sasrec")  # trained from the data alone: stage train@<name>, chosen by `models`
-FUSED_MODELS = ("neumf",)  # start from other models' checkpoints: stage fuse@<name>, chosen by `fused`
-MODEL_NAMES = CORE_MODELS + ADDED_MODELS + FUSED_MODELS
-LABELS = {"itempop": "ItemPop", "mlp": "MLP", "gmf": "GMF", "mf": "MF", "ease": "EASE", "neumf": "NeuMF",
-          "sasrec": "SASRec"}
-FUSED_FROM = {"neumf": ("gmf", "mlp")}  # the checkpoints each fused model starts from
 SEPARATORS = (",", "\t", ";", "|", "::", " ")
 
-_LOOP = {  # the shared training loop's settings: top-level keys for the MLP, a section's fields for the others
-    "lr": Spec("float", 0.0, 1.0, low_open=True),
-    "weight_decay": Spec("float", 0.0, 1.0),
-    "epochs": Spec("int", 1, 10000),
-    "batch_size": Spec("int", 1, 2**24),
-    "negatives": Spec("int", 1, 1000),
+# The shared training loop's knobs, for the models' specs (pipeline/models/): each neural model's
+# section has them (the MLP's are top-level keys).
+LOOP = {
+    "lr": Spec("float", 0.0, 1.0, low_open=True, doc="Adam learning rate"),
+    "weight_decay": Spec("float", 0.0, 1.0, doc="Adam L2 weight decay"),
+    "epochs": Spec("int", 1, 10000, doc="passes over the train interactions; the best-validation one is kept"),
+    "batch_size": Spec("int", 1, 2**24, doc="training pairs per Adam step"),
+    "negatives": Spec("int", 1, 1000, doc="training negatives per positive, resampled every epoch"),
 }
-_DROPOUT = Spec("float", 0.0, 1.0, high_open=True)
-# The MLP's knobs are top-level keys (`dvc exp run -S lr=0.01`): the model the project began with.
-MLP_KEYS = ("layers", "dropout", *_LOOP)
+DROPOUT = Spec("float", 0.0, 1.0, high_open=True, doc="dropout rate while training")
 
+# The keys that are not a model's: the protocol, the data, which models train, where. A model's own
+# knobs are declared in its module (pipeline/models/<name>.py) and live in its section of params.yaml.
 SPECS: dict[str, Spec] = {
-    "layers": Spec("int_list", 1, 65536),
-    "dropout": _DROPOUT,
-    **_LOOP,
     "topK": Spec("int", 1, 100001),
     "test_negatives": Spec("int", 1, 100000),
     "refit": Spec("bool"),
@@ -99,27 +95,11 @@ SPECS: dict[str, Spec] = {
     "min_rating": Spec("float", 0.0, 1e9),
     "seed": Spec("int", 0, 2**32 - 1),
     "candidate_seed": Spec("int", 0, 2**32 - 1),
-    "models": Spec("choice_list", choices=ADDED_MODELS, optional=True),
-    "fused": Spec("choice_list", choices=FUSED_MODELS, optional=True),
-    # One section per added model: its stage reads exactly its own section.
-    "gmf": Spec("section", fields={"factors": Spec("int", 1, 65536), **_LOOP}),
-    "mf": Spec("section", fields={"factors": Spec("int", 1, 65536), **_LOOP}),
-    "ease": Spec("section", fields={"lambda": Spec("float", 0.0, 1e12, low_open=True)}),
-    "neumf": Spec("section", fields={"dropout": _DROPOUT, **_LOOP}),
-    "sasrec": Spec("section", fields={
-        "max_len": Spec("int", 1, 4096), "hidden": Spec("int", 1, 4096), "blocks": Spec("int", 1, 64),
-        "heads": Spec("int", 1, 64), "dropout": _DROPOUT, "loss": Spec("choice", choices=("ce", "bce")),
-        "lr": _LOOP["lr"], "weight_decay": _LOOP["weight_decay"], "epochs": _LOOP["epochs"],
-        "batch_size": Spec("int", 1, 2**20)}),
+    "models": Spec("model_list"),
+    "fused": Spec("model_list"),
     "device": Spec("choice", choices=("auto", "cpu", "cuda")),
-    "recommend_model": Spec("choice", choices=MODEL_NAMES),
+    "recommend_model": Spec("model"),
     "recommend_n": Spec("int", 1, 1000),
-}
-
-# Keys of earlier releases, and what replaced them (named in the error for an unknown key).
-RENAMED = {
-    "mlp": "the MLP's knobs are top-level keys now: " + ", ".join(MLP_KEYS) + " (dvc exp run -S lr=0.01)",
-    "itempop": "ItemPop has no knobs; it is always trained (stage train_itempop)",
 }
 
 
@@ -176,16 +156,20 @@ def _convert(key: str, value: Any, source: str, spec: Spec | None = None) -> Any
         if value not in spec.choices:
             raise bad
         return value
-    if spec.kind == "choice_list":
+    if spec.kind == "model":
+        if value not in list_models():
+            raise bad
+        return value
+    if spec.kind == "model_list":
         if isinstance(value, str):
             try:
                 value = yaml.safe_load(value)
             except Exception:  # noqa: BLE001 (reported below)
                 pass
-        if value is None and spec.optional:
+        if value is None:
             value = []
-        if (not isinstance(value, list) or (not value and not spec.optional)
-                or len(set(map(str, value))) != len(value) or any(v not in spec.choices for v in value)):
+        if (not isinstance(value, list) or len(set(map(str, value))) != len(value)
+                or any(v not in list_models() for v in value)):
             raise PipelineError(f"{source}: '{key}' must be {spec.describe()}, got {value!r}")
         return value
     if spec.kind == "bool":
@@ -225,51 +209,43 @@ def _convert(key: str, value: Any, source: str, spec: Spec | None = None) -> Any
     return number
 
 
-def validate(raw: Any, source: str = PARAMS_FILE) -> dict[str, Any]:
-    """Return the params with every key converted and checked; raise PipelineError naming the key."""
+def validate(raw: Any, source: str = PARAMS_FILE, models: Iterable[str] | None = None) -> dict[str, Any]:
+    """Return the params with every key converted and checked; raise PipelineError naming the key.
+
+    The keys of SPECS always; of the models, the knobs of those named in `models` (None: every model,
+    which imports every model's module). Another model's section is kept as it is, unchecked.
+    """
     if not isinstance(raw, dict):
         raise PipelineError(f"{source}: expected a mapping of top-level keys, got {type(raw).__name__}")
-    unknown = sorted(str(k) for k in raw if k not in SPECS)
-    if unknown:
-        moved = [f"{k!r}: {RENAMED[k]}" for k in unknown if k in RENAMED]
-        raise PipelineError(
-            f"{source}: unknown key(s) {', '.join(repr(k) for k in unknown)}; "
-            + ("; ".join(moved) if moved else f"known keys: {', '.join(SPECS)}")
-        )
+    names = list_models() if models is None else list(dict.fromkeys(models))
+    classes = {name: get_model(name) for name in names}
+    known = set(SPECS) | set(list_models())
+    if models is None:  # only then is every top-level key's owner known
+        owned = {key: name for name, cls in classes.items() if cls.top_level for key in cls.params}
+        unknown = sorted(str(k) for k in raw if k not in known | set(owned)
+                         or (k in classes and (classes[k].top_level or not classes[k].params)))
+        if unknown:
+            moved = [f"{k!r}: {_no_section(k, classes[k])}" for k in unknown if k in classes]
+            raise PipelineError(
+                f"{source}: unknown key(s) {', '.join(repr(k) for k in unknown)}; "
+                + ("; ".join(moved) if moved else f"known keys: {', '.join([*SPECS, *owned, *names])}"))
     missing = [k for k in SPECS if k not in raw]
+    missing += [k for name, cls in classes.items() if cls.params for k in (cls.params if cls.top_level else [name])
+                if k not in raw]
     if missing:
         raise PipelineError(f"{source}: missing key(s) {', '.join(repr(k) for k in missing)}")
-    for key in ("models", "fused"):  # a core model listed here would otherwise read as a typo
-        value = raw[key]
-        core = [m for m in CORE_MODELS if isinstance(value, list) and m in value]
-        if core:
-            raise PipelineError(
-                f"{source}: '{key}' lists {', '.join(map(repr, core))}, which always train (stages "
-                f"{', '.join('train_' + m for m in core)}); '{key}' names only the added models: "
-                f"{', '.join(SPECS[key].choices)}")
-    params = {key: _convert(key, raw[key], source) for key in SPECS}
-    if params["layers"][0] % 2:
-        raise PipelineError(
-            f"{source}: 'layers' first entry must be even (it is split into a user and an item "
-            f"embedding of half that size each), got {params['layers'][0]}"
-        )
-    if params["sasrec"]["hidden"] % params["sasrec"]["heads"]:
-        raise PipelineError(f"{source}: 'sasrec.hidden' ({params['sasrec']['hidden']}) must be a multiple of "
-                            f"'sasrec.heads' ({params['sasrec']['heads']}): each head takes an equal share")
-    for name in params["fused"]:
-        needs = [m for m in FUSED_FROM[name] if m not in CORE_MODELS and m not in params["models"]]
-        if needs:
-            raise PipelineError(
-                f"{source}: 'fused' has {name!r}, which starts from the {' and '.join(FUSED_FROM[name])} "
-                f"checkpoints, but 'models' lacks {', '.join(map(repr, needs))}; add it to 'models' or "
-                f"remove {name!r} from 'fused'")
+    params = dict(raw)
+    params.update({key: _convert(key, raw[key], source) for key in SPECS})
+    for name, cls in classes.items():
+        if cls.top_level:
+            params.update({key: _convert(key, raw[key], source, spec) for key, spec in cls.params.items()})
+        elif cls.params:
+            params[name] = _convert(name, raw[name], source, Spec("section", fields=dict(cls.params)))
+        cls.check(model_section(params, name), source)
+        _check_lists(params, name, cls, source)
     if params["min_rating"] > 0 and params["dataset"] == "custom" and params["custom_rating"] == "":
         raise PipelineError(f"{source}: 'min_rating' is {params['min_rating']}, but custom_rating is '' "
                             "(the custom table has no rating column); set min_rating to 0")
-    if params["recommend_model"] not in trained_models(params):
-        raise PipelineError(f"{source}: 'recommend_model' is {params['recommend_model']!r}, which is not "
-                            f"trained ({', '.join(trained_models(params))}); add it to 'models' or 'fused', "
-                            "or pick one of those")
     candidates = params["test_negatives"] + 1
     if params["topK"] > candidates:
         raise PipelineError(
@@ -279,20 +255,57 @@ def validate(raw: Any, source: str = PARAMS_FILE) -> dict[str, Any]:
     return params
 
 
+def _no_section(name: str, cls) -> str:
+    """Why model `name` has no section: its knobs are top-level keys, or it has none."""
+    if cls.top_level:
+        return f"the {cls.label}'s knobs are top-level keys: {', '.join(cls.params)} (dvc exp run -S lr=0.01)"
+    return f"{cls.label} has no knobs" + (f"; it is always trained (stage train_{name})" if cls.always_trained else "")
+
+
+def _check_lists(params: dict[str, Any], name: str, cls, source: str) -> None:
+    """Model `name` is listed where it belongs (`models`, `fused`), and can recommend only if trained."""
+    for key in ("models", "fused"):
+        if name not in params[key]:
+            continue
+        if cls.always_trained:
+            raise PipelineError(f"{source}: '{key}' lists {name!r}, which always trains (stage train_{name}); "
+                                f"'{key}' names only the models without a stage of their own")
+        if bool(cls.fused_from) != (key == "fused"):
+            right = "fused" if cls.fused_from else "models"
+            raise PipelineError(f"{source}: '{key}' lists {name!r}; it belongs in '{right}'"
+                                + (f" (it starts from {' and '.join(cls.fused_from)})" if cls.fused_from else ""))
+    if name in params["fused"]:
+        needs = [m for m in cls.fused_from if m not in params["models"] and not get_model(m).always_trained]
+        if needs:
+            raise PipelineError(
+                f"{source}: 'fused' has {name!r}, which starts from the {' and '.join(cls.fused_from)} "
+                f"checkpoints, but 'models' lacks {', '.join(map(repr, needs))}; add it to 'models' or "
+                f"remove {name!r} from 'fused'")
+    if params["recommend_model"] == name and not is_trained(params, name):
+        raise PipelineError(f"{source}: 'recommend_model' is {name!r}, which is not trained; add it to 'models' "
+                            "or 'fused', or pick one of those or an always trained model")
+
+
+def is_trained(params: dict[str, Any], name: str) -> bool:
+    """Whether the pipeline trains model `name`: always, or listed in `models` or `fused`."""
+    return name in params["models"] or name in params["fused"] or get_model(name).always_trained
+
+
 def trained_models(params: dict[str, Any]) -> list[str]:
-    """Every model the pipeline trains and evaluates, in dvc.yaml's order: itempop, mlp, models, fused."""
-    return [*CORE_MODELS, *params["models"], *params["fused"]]
+    """Every model the pipeline trains and evaluates, in dvc.yaml's order: the always trained, models, fused."""
+    return [*(name for name in list_models() if get_model(name).always_trained), *params["models"], *params["fused"]]
 
 
 def model_section(params: dict[str, Any], name: str) -> dict[str, Any]:
-    """A model's own knobs: the MLP's top-level keys, another model's section ({} for ItemPop)."""
-    if name == "mlp":
-        return {key: params[key] for key in MLP_KEYS}
-    return params.get(name, {}) if name in MODEL_NAMES else {}
+    """A model's own knobs: its section, or the top-level keys it owns (the MLP); {} for none."""
+    cls = get_model(name)
+    if cls.top_level:
+        return {key: params[key] for key in cls.params}
+    return params[name] if cls.params else {}
 
 
-def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
-    """Read and validate params.yaml; return every key, converted."""
+def load_params(path: str | Path = PARAMS_FILE, models: Iterable[str] | None = None) -> dict[str, Any]:
+    """Read and validate params.yaml; return every key, converted (a model's knobs: see `validate`)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -305,4 +318,4 @@ def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err)
         raise PipelineError(f"{path}:{where}: not valid YAML: {problem}") from None
-    return validate(raw, str(path))
+    return validate(raw, str(path), models)

@@ -22,9 +22,10 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from pipeline.common import PipelineError, atomic_output, configure_torch, run_stage
+from pipeline.common import PipelineError, atomic_output, configure_torch, pick_device, run_stage
 from pipeline.data import load_id_maps, load_recent, load_split
-from pipeline.models import load_model, pick_device
+from pipeline.metrics import seen_cells
+from pipeline.models import load_model
 from pipeline.params import load_params
 
 log = logging.getLogger("recommend")
@@ -50,9 +51,7 @@ def top_n(score_all, users: np.ndarray, seen: sp.csr_matrix, n: int, batch_eleme
     for lo in range(0, len(users), step):
         u = users[lo:lo + step]
         scores = score_all(u).clone().double()
-        block = seen[u]
-        rows = torch.from_numpy(np.repeat(np.arange(len(u)), np.diff(block.indptr)))
-        scores[rows, torch.from_numpy(block.indices.astype(np.int64))] = -torch.inf
+        scores[seen_cells(seen, u)] = -torch.inf
         # Take a few more than n, then order them by (score desc, item asc): ties are deterministic.
         best = torch.topk(scores, min(n_items, n + 16), dim=1).indices
         picked = torch.gather(scores, 1, best)
@@ -106,7 +105,7 @@ def show_user(user: str, prepared: Path, csv_path: Path, out=sys.stdout) -> None
     mine = recs[recs["user_id"] == str(users_map.user_id[index])]
     recent = load_recent(prepared)
     recent = recent[recent["user_index"] == index].iloc[::-1]
-    params = load_params()
+    params = load_params(models=())
     print(f"Top {len(mine)} for user {user} (model {params['recommend_model']}):", file=out)
     for row in mine.itertuples():
         year = f" ({row.year})" if row.year else ""
@@ -130,7 +129,7 @@ def main() -> None:
     if len(args.paths) != 3:
         parser.error("the stage needs PREPARED_DIR MODELS_DIR OUT_CSV (or use --user ID)")
     prepared, models_dir, out = args.paths
-    params = load_params()
+    params = load_params(models=(load_params(models=())["recommend_model"],))  # its own model's knobs too
     configure_torch()
     table = recommend(prepared, models_dir, params["recommend_model"], params["recommend_n"], params["device"])
     with atomic_output(out) as tmp:

@@ -24,12 +24,12 @@ import pandas as pd  # noqa: E402
 
 from pipeline.common import PipelineError, atomic_output, run_stage, write_text  # noqa: E402
 from pipeline.data import load_id_maps, load_recent, load_split  # noqa: E402
-from pipeline.params import LABELS as NAMES, load_params, trained_models  # noqa: E402
+from pipeline.models import label  # noqa: E402
+from pipeline.params import load_params, trained_models  # noqa: E402
 from pipeline.summary import full_ranking_note, metrics_table, significance_tables  # noqa: E402
 
 log = logging.getLogger("report")
 
-COLORS = {name: f"C{i}" for i, name in enumerate(NAMES)}  # one colour per model in every chart
 PNG_META = {"Software": None}  # no version string in the file: the bytes depend on the data only
 
 
@@ -52,14 +52,14 @@ def training_chart(curves: dict[str, pd.DataFrame], k: int, path: Path) -> None:
     """Loss and validation HR@k per epoch for each model (closed-form models as flat lines)."""
     fig, (loss_ax, hr_ax) = plt.subplots(1, 2, figsize=(11, 4))
     longest = max(len(c) for c in curves.values())
-    for name, curve in curves.items():
-        label = NAMES.get(name, name)
+    for i, (name, curve) in enumerate(curves.items()):  # colour i: a model's colour in both charts
+        shown = label(name)
         if curve["loss"].notna().any():
-            loss_ax.plot(curve["epoch"], curve["loss"], marker=".", label=label, color=COLORS.get(name))
-            hr_ax.plot(curve["epoch"], curve["val_hr"], marker=".", label=label, color=COLORS.get(name))
+            loss_ax.plot(curve["epoch"], curve["loss"], marker=".", label=shown, color=f"C{i}")
+            hr_ax.plot(curve["epoch"], curve["val_hr"], marker=".", label=shown, color=f"C{i}")
         else:
-            hr_ax.plot([1, longest], [curve["val_hr"].iloc[0]] * 2, linestyle="--", label=f"{label} (closed form)",
-                       color=COLORS.get(name))
+            hr_ax.plot([1, longest], [curve["val_hr"].iloc[0]] * 2, linestyle="--", label=f"{shown} (closed form)",
+                       color=f"C{i}")
     loss_ax.set(title="Training loss (cross-entropy per example)", xlabel="epoch", ylabel="loss")
     hr_ax.set(title=f"Validation HR@{k}", xlabel="epoch", ylabel=f"HR@{k}")
     for ax in (loss_ax, hr_ax):
@@ -72,8 +72,8 @@ def training_chart(curves: dict[str, pd.DataFrame], k: int, path: Path) -> None:
 def hr_chart(curves: dict[str, pd.DataFrame], test_negatives: int, path: Path) -> None:
     """Test HR@K for K = 1..20 per model, on the sampled candidates."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, curve in curves.items():
-        ax.plot(curve["k"], curve["hr"], marker=".", label=NAMES.get(name, name), color=COLORS.get(name))
+    for i, (name, curve) in enumerate(curves.items()):
+        ax.plot(curve["k"], curve["hr"], marker=".", label=label(name), color=f"C{i}")
     longest = max(int(c["k"].max()) for c in curves.values())
     ax.set(title=f"Test HR@K (held-out item among {test_negatives} sampled negatives)", xlabel="K",
            ylabel="HR@K", xticks=range(1, longest + 1, 2))

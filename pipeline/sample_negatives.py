@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("prepared_dir", type=Path)
     parser.add_argument("out_dir", type=Path, help="directory to write val.npz and test.npz into")
     args = parser.parse_args()
-    params = load_params()
+    params = load_params(models=())
     seed, k = params["candidate_seed"], params["test_negatives"]
     split = load_split(args.prepared_dir)
     sampler = ComplementSampler(split.all_interactions())

@@ -1,7 +1,7 @@
 """Vectorised negative sampling from the complement of each user's interactions.
 
-Every sampler draws a rank r in [0, number of allowed items) per slot and maps it to the r-th
-item the user has NOT interacted with, using one searchsorted over the CSR's column indices.
+A sampler draws a rank r in [0, number of allowed items) per slot and maps it to the r-th item the
+user has NOT interacted with, using one searchsorted over the CSR's column indices.
 There is no rejection loop over positives, so the cost is linear in the number of draws and the
 result depends only on the generator's state.
 """
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
+
+from pipeline.common import PipelineError
 
 
 class TooFewItemsError(ValueError):
@@ -20,30 +22,46 @@ class TooFewItemsError(ValueError):
 
 
 class ComplementSampler:
-    """Map ranks within each user's non-interacted items to item ids, for a binary CSR matrix."""
+    """Draw items a user has NOT interacted with (a row of a binary CSR matrix), uniformly.
 
-    def __init__(self, excluded: sp.csr_matrix):
+    Without `device`, numpy arrays and numpy generators (the candidate lists of sample_negatives);
+    with one, torch tensors on that device and torch generators (the training loop's negatives).
+    Both sides draw ranks and map them to items with the same `rank_to_item`.
+    """
+
+    def __init__(self, excluded: sp.csr_matrix, device=None):
         excluded = excluded.tocsr()
         excluded.sum_duplicates()
         excluded.sort_indices()
         self.n_items = excluded.shape[1]
-        self.indptr = excluded.indptr.astype(np.int64)
-        counts = np.diff(self.indptr)
+        indptr = excluded.indptr.astype(np.int64)
+        counts = np.diff(indptr)
         rows = np.repeat(np.arange(excluded.shape[0], dtype=np.int64), counts)
-        local = np.arange(excluded.nnz, dtype=np.int64) - self.indptr[rows]
+        local = np.arange(excluded.nnz, dtype=np.int64) - indptr[rows]
         # item - (its position in the row) is non-decreasing within a row; offsetting by
         # row * (n_items + 1) makes the whole array sorted, so one searchsorted serves all rows.
-        self._keys = rows * (self.n_items + 1) + (excluded.indices.astype(np.int64) - local)
-        self.allowed = self.n_items - counts  # number of non-interacted items per user
+        keys = rows * (self.n_items + 1) + (excluded.indices.astype(np.int64) - local)
+        allowed = self.n_items - counts  # number of non-interacted items per user
+        if device is None:
+            self.indptr, self._keys, self.allowed, self._searchsorted = indptr, keys, allowed, np.searchsorted
+            return
+        import torch  # here: the candidate stage needs no torch
 
-    def rank_to_item(self, users: np.ndarray, ranks: np.ndarray) -> np.ndarray:
-        """Return the ranks[j]-th non-interacted item of users[j] (users broadcast against ranks)."""
-        users = np.asarray(users, dtype=np.int64)
-        ranks = np.asarray(ranks, dtype=np.int64)
+        short = np.flatnonzero(allowed < 1)
+        if len(short):
+            raise PipelineError(f"user index {short[0]} (and {len(short) - 1} more) interacted with every item: "
+                                "there is no negative to sample")
+        self.indptr, self._keys, self.allowed = (torch.from_numpy(a).to(device) for a in (indptr, keys, allowed))
+        self._searchsorted = torch.searchsorted
+
+    def rank_to_item(self, users, ranks):
+        """Return the ranks[j]-th non-interacted item of users[j] (users broadcast against ranks).
+
+        numpy arrays without a device, tensors on it with one."""
         if ranks.ndim == 2 and users.ndim == 1:
             users = users[:, None]
         query = users * (self.n_items + 1) + ranks
-        below = np.searchsorted(self._keys, query, side="right") - self.indptr[users]
+        below = self._searchsorted(self._keys, query, side="right") - self.indptr[users]
         return ranks + below
 
     def _check(self, users: np.ndarray, needed: int) -> np.ndarray:
@@ -65,6 +83,14 @@ class ComplementSampler:
         users = np.asarray(users, dtype=np.int64)
         allowed = self._check(users, k)
         return self.rank_to_item(users, distinct_ranks(rng, allowed, k))
+
+    def draw(self, users, per_user: int, gen):
+        """Tensors, on the device: [len(users), per_user] items, each uniform over the user's complement."""
+        import torch
+
+        allowed = self.allowed[users][:, None]
+        uniform = torch.rand((len(users), per_user), generator=gen, device=users.device, dtype=torch.float64)
+        return self.rank_to_item(users, torch.minimum((uniform * allowed).long(), allowed - 1))
 
 
 def distinct_ranks(rng: np.random.Generator, sizes: np.ndarray, k: int) -> np.ndarray:

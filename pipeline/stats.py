@@ -19,14 +19,6 @@ UNRANKED = -1  # a per-user rank that was not computed (full ranking of a sample
 LEVEL = 0.95
 
 
-def per_user(ranks: np.ndarray, k: int) -> dict[str, np.ndarray]:
-    """Per-user values whose means are HR@k, NDCG@k and MRR, from 0-based ranks (any shape)."""
-    ranks = np.asarray(ranks, dtype=np.float64)
-    hit = ranks < k
-    return {"hr": hit.astype(np.float64), "ndcg": np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0),
-            "mrr": 1.0 / (ranks + 1.0)}
-
-
 @dataclass(frozen=True)
 class Estimate:
     """A mean over users with its 95% interval (lo, hi); for a difference, also the p-value."""
@@ -36,10 +28,6 @@ class Estimate:
     hi: float
     n: int
     p: float = float("nan")
-
-    @property
-    def half_width(self) -> float:
-        return (self.hi - self.lo) / 2
 
     def as_dict(self, digits: int = 6) -> dict:
         out = {"mean": round(self.mean, digits), "lo": round(self.lo, digits), "hi": round(self.hi, digits)}

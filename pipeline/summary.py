@@ -14,13 +14,9 @@ import sys
 from pathlib import Path
 
 from pipeline.common import PipelineError, run_stage
-from pipeline.params import LABELS
+from pipeline.models import label
 
 PROTOCOL_NAMES = {"sampled": "sampled candidates", "full": "full ranking"}
-
-
-def label(name: str) -> str:
-    return LABELS.get(name, name)
 
 
 def pm(entry: dict | None, digits: int = 3) -> str:

@@ -2,7 +2,7 @@
 
     python -m pipeline.train MODEL PREPARED_DIR CANDIDATES_DIR MODELS_DIR TRAINING_DIR
 
-MODEL is any name in pipeline.models.REGISTRY. The model is chosen on validation: a neural model
+MODEL is any model of pipeline/models/ (pipeline.models.list_models()). The model is chosen on validation: a neural model
 trains for its `epochs` on the train interactions and keeps its best-validation epoch; a closed-form
 model (ItemPop, EASE) is fitted on them. With `refit` on, the model that scores the test set is then
 fitted again on train plus validation (a neural model from scratch, with the same seed, for the
@@ -12,8 +12,8 @@ Writes MODELS_DIR/MODEL.pt (the model for the test set and recommendations), MOD
 MODEL.trainonly.pt (the validation-chosen model, trained on train only), TRAINING_DIR/MODEL.csv
 (the per-epoch curve; one row for a closed-form model) and TRAINING_DIR/MODEL.json (the chosen
 epoch and its validation metrics). A fused model (NeuMF) starts from the checkpoints of the models
-in params.FUSED_FROM, read from MODELS_DIR: the train-only ones for its validated run, the refitted
-ones for its refit. Every checkpoint is a dict of tensors: torch.load(weights_only=True).
+its class names in `fused_from`, read from MODELS_DIR: the train-only ones for its validated run,
+the refitted ones for its refit. Every checkpoint is a dict of tensors: torch.load(weights_only=True).
 """
 from __future__ import annotations
 
@@ -24,13 +24,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import scipy.sparse as sp
 import torch
 
-from pipeline.common import atomic_output, configure_torch, run_stage, write_json, write_text
+from pipeline.common import atomic_output, configure_torch, pick_device, run_stage, write_json, write_text
 from pipeline.data import Candidates, Split, load_candidates, load_split
-from pipeline.models import REGISTRY, load_state, pick_device
-from pipeline.params import FUSED_FROM, load_params, model_section
+from pipeline.models import Model, get as get_model, list_models, load_state
+from pipeline.params import load_params, model_section
 from pipeline.training import EpochStats, FitConfig, curve_csv, evaluate_ranking, fit, fit_and_refit
 
 log = logging.getLogger("train")
@@ -43,17 +42,16 @@ def checkpoint_paths(models_dir: Path, name: str) -> tuple[Path, Path]:
     return models_dir / f"{name}.pt", models_dir / f"{name}.{TRAIN_ONLY}.pt"
 
 
-def build(name: str, n_users: int, n_items: int, params: dict, models_dir: Path, refitted: bool):
+def build(name: str, split: Split, params: dict, models_dir: Path, refitted: bool) -> Model:
     """A freshly seeded model `name`: initialised at random, or from its sources' checkpoints if fused."""
-    cls, section = REGISTRY[name], model_section(params, name)
+    cls, section = get_model(name), model_section(params, name)
     torch.manual_seed(params["seed"])
-    if name not in FUSED_FROM:
-        return cls.from_params(n_users, n_items, section)
-    sources = []
-    for source in FUSED_FROM[name]:
-        path = checkpoint_paths(models_dir, source)[0 if refitted else 1]
-        sources.append(REGISTRY[source].from_state(load_state(source, path), sp.csr_matrix((n_users, n_items))))
-    return cls.from_pretrained(*sources, dropout=section["dropout"])
+    if not cls.fused_from:
+        return cls.from_params(split.n_users, split.n_items, section)
+    history = split.history(val=refitted)
+    sources = [get_model(source).from_state(load_state(source, checkpoint_paths(models_dir, source)[0 if refitted else 1]),
+                                            history) for source in cls.fused_from]
+    return cls.from_sources(sources, section)
 
 
 def train_neural(name: str, split: Split, val: Candidates, params: dict, device: torch.device,
@@ -61,8 +59,8 @@ def train_neural(name: str, split: Split, val: Candidates, params: dict, device:
     """Train a neural model; return (test-time state, train-only state, curve, chosen epoch)."""
     cfg = FitConfig.from_section(model_section(params, name), params["seed"], params["topK"])
 
-    def make(refitted: bool):
-        return build(name, split.n_users, split.n_items, params, models_dir, refitted)
+    def make(refitted: bool) -> Model:
+        return build(name, split, params, models_dir, refitted)
 
     train = split.history(val=False)
     if not params["refit"]:
@@ -76,10 +74,10 @@ def train_closed_form(name: str, split: Split, val: Candidates, params: dict
     """Fit a closed-form model; return (test-time state, train-only state, one-row curve, 1).
 
     With `refit` the fit on train + validation runs in a second thread beside the train-only one (its
-    heavy parts, EASE's factorisation, release the GIL): at ml-20m's 26,744 items EASE's two fits take
-    about 4 minutes each on one core. Each thread's torch uses one intra-op thread: the same bits.
+    heavy parts, EASE's factorisation, release the GIL). Each thread's torch uses one intra-op thread:
+    the same bits.
     """
-    cls, section = REGISTRY[name], model_section(params, name)
+    cls, section = get_model(name), model_section(params, name)
     with ThreadPoolExecutor(max_workers=1) as pool:
         refit = pool.submit(cls.fit, split.train_and_val(), section) if params["refit"] else None
         state = cls.fit(split.train, section)
@@ -95,19 +93,20 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Train one model.")
-    parser.add_argument("model", choices=sorted(REGISTRY))
+    parser.add_argument("model", choices=list_models())
     parser.add_argument("prepared_dir", type=Path)
     parser.add_argument("candidates_dir", type=Path)
     parser.add_argument("models_dir", type=Path, help="writes MODEL.pt and MODEL.trainonly.pt here")
     parser.add_argument("training_dir", type=Path, help="writes MODEL.csv (curve) and MODEL.json (summary) here")
     args = parser.parse_args()
-    params = load_params()
     name = args.model
+    cls = get_model(name)
+    params = load_params(models=(name,))
     configure_torch()
     split = load_split(args.prepared_dir)
     val = load_candidates(args.candidates_dir / "val.npz")
     start = time.perf_counter()
-    if REGISTRY[name].neural:
+    if cls.neural:
         device = pick_device(params["device"])
         log.info("training %s on %s", name, device)
         state, train_only, curve, best = train_neural(name, split, val, params, device, args.models_dir)
@@ -121,7 +120,7 @@ def main() -> None:
     write_text(args.training_dir / f"{name}.csv", curve_csv(curve))
     write_json(args.training_dir / f"{name}.json", {"best_epoch": best, "val_hr": round(row.val_hr, 6),
                                                      "val_ndcg": round(row.val_ndcg, 6), "refit": params["refit"]})
-    chosen = f"best epoch {best} of {len(curve)}" if REGISTRY[name].neural else "closed form"
+    chosen = f"best epoch {best} of {len(curve)}" if cls.neural else "closed form"
     log.info("%s: %s: val HR@%d %.4f, NDCG %.4f%s; %.1f s", name, chosen, params["topK"], row.val_hr, row.val_ndcg,
              "; refitted on train + validation" if params["refit"] else "", seconds)
 

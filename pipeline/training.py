@@ -14,12 +14,12 @@ ever kept.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
 import math
 import multiprocessing as mp
-import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -30,8 +30,10 @@ import scipy.sparse as sp
 import torch
 
 from pipeline.common import PipelineError
-from pipeline.data import Candidates, matrix_of
+from pipeline.data import Candidates, History, matrix_of
 from pipeline.metrics import heldout_rank, hit_ratio, ndcg
+from pipeline.models import Model
+from pipeline.sampling import ComplementSampler
 
 log = logging.getLogger("training")
 
@@ -128,7 +130,7 @@ class _Optimizers:
 LAZY_ROWS_PER_BATCH = 8  # a table with more rows than this many batches' pairs is updated lazily
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, batch_size: int) -> _Optimizers:
+def make_optimizer(model: Model, lr: float, weight_decay: float, batch_size: int) -> _Optimizers:
     """Fused Adam, except LazyAdam for embedding tables of more than LAZY_ROWS_PER_BATCH x batch_size rows.
 
     Fused Adam updates every tensor in one kernel (about 4x less optimiser time per step on CPU
@@ -140,7 +142,7 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, batch
     """
     tables = [module for module in model.modules()
               if isinstance(module, torch.nn.Embedding) and module.num_embeddings > LAZY_ROWS_PER_BATCH * batch_size
-              and getattr(model, "lazy_tables", True)]  # SASRec's item table is also its output layer: dense
+              and model.lazy_tables]  # SASRec's item table is also its output layer: dense
     for table in tables:
         table.sparse = True
     lazy = {id(table.weight) for table in tables}
@@ -151,42 +153,6 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, batch
     return _Optimizers(*optimizers)
 
 
-class NegativeSampler:
-    """Draw items a user has not interacted with, uniformly, as tensors on one device.
-
-    A rank r in [0, allowed items) is mapped to the r-th item outside the user's row of the
-    excluded matrix with one searchsorted (the same mapping as pipeline.sampling.ComplementSampler):
-    no rejection loop, and the cost is linear in the number of draws.
-    """
-
-    def __init__(self, excluded: sp.csr_matrix, device: torch.device):
-        excluded = excluded.tocsr()
-        excluded.sum_duplicates()
-        excluded.sort_indices()
-        self.n_items = excluded.shape[1]
-        indptr = excluded.indptr.astype(np.int64)
-        counts = np.diff(indptr)
-        rows = np.repeat(np.arange(excluded.shape[0], dtype=np.int64), counts)
-        local = np.arange(excluded.nnz, dtype=np.int64) - indptr[rows]
-        keys = rows * (self.n_items + 1) + excluded.indices.astype(np.int64) - local  # sorted
-        self.indptr = torch.from_numpy(indptr).to(device)
-        self.keys = torch.from_numpy(keys).to(device)
-        self.allowed = torch.from_numpy(self.n_items - counts).to(device)
-        short = np.flatnonzero(self.n_items - counts < 1)
-        if len(short):
-            raise PipelineError(f"user index {short[0]} (and {len(short) - 1} more) interacted with every item: "
-                                "there is no negative to sample")
-
-    def sample(self, users: torch.Tensor, per_user: int, gen: torch.Generator) -> torch.Tensor:
-        """Return [len(users), per_user] items, each uniform over the user's non-interacted items."""
-        allowed = self.allowed[users][:, None]
-        uniform = torch.rand((len(users), per_user), generator=gen, device=users.device, dtype=torch.float64)
-        ranks = torch.minimum((uniform * allowed).long(), allowed - 1)
-        query = users[:, None] * (self.n_items + 1) + ranks
-        below = torch.searchsorted(self.keys, query, right=True) - self.indptr[users][:, None]
-        return ranks + below
-
-
 def positives(train: sp.csr_matrix, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (users, items) of every interaction in `train`, as int64 tensors on `device`."""
     train = train.tocsr()
@@ -194,7 +160,7 @@ def positives(train: sp.csr_matrix, device: torch.device) -> tuple[torch.Tensor,
     return torch.from_numpy(users).to(device), torch.from_numpy(train.indices.astype(np.int64)).to(device)
 
 
-def epoch_chunks(pos_users: torch.Tensor, pos_items: torch.Tensor, sampler: NegativeSampler, negatives: int,
+def epoch_chunks(pos_users: torch.Tensor, pos_items: torch.Tensor, sampler: ComplementSampler, negatives: int,
                  chunk_pairs: int, order_gen: torch.Generator, negative_gen: torch.Generator,
                  shuffle_gen: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield one epoch as shuffled (users, items, labels) chunks of at most max(chunk_pairs, 1 + negatives) pairs.
@@ -208,7 +174,7 @@ def epoch_chunks(pos_users: torch.Tensor, pos_items: torch.Tensor, sampler: Nega
     for lo in range(0, len(order), per_chunk):
         picked = order[lo:lo + per_chunk]
         users, items = pos_users[picked], pos_items[picked]
-        negative_items = sampler.sample(users, negatives, negative_gen)
+        negative_items = sampler.draw(users, negatives, negative_gen)
         all_users = torch.cat([users, users.repeat_interleave(negatives)])
         all_items = torch.cat([items, negative_items.reshape(-1)])
         labels = torch.zeros(len(all_users), dtype=torch.float32, device=device)
@@ -230,10 +196,10 @@ class PairObjective:
     """What the loop optimises for a (user, item) model: binary cross-entropy on every train pair
     plus `negatives` sampled negatives per positive, batches cut from the epoch's chunks."""
 
-    def __init__(self, model: torch.nn.Module, train, cfg: FitConfig, device: torch.device):
+    def __init__(self, model: Model, train: History | sp.csr_matrix, cfg: FitConfig, device: torch.device):
         matrix = matrix_of(train)
         self.model, self.cfg = model, cfg
-        self.sampler = NegativeSampler(matrix, device)
+        self.sampler = ComplementSampler(matrix, device)
         self.users, self.items = positives(matrix, device)
         self.loss_fn = torch.nn.BCEWithLogitsLoss(reduction="sum")
 
@@ -260,31 +226,29 @@ def _state_on_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {key: v.detach().to("cpu", copy=True) for key, v in model.state_dict().items()}
 
 
-def fit(model: torch.nn.Module, train: sp.csr_matrix, val: Candidates | None, cfg: FitConfig,
+def fit(model: Model, train: History | sp.csr_matrix, val: Candidates | None, cfg: FitConfig,
         device: torch.device = torch.device("cpu"), name: str = "model",
-        on_epoch: Callable[[int, torch.nn.Module, int], bool] | None = None,
+        on_epoch: Callable[[int, Model, int], bool] | None = None,
+        on_batch: Callable[[], None] | None = None,
         ) -> tuple[dict[str, torch.Tensor], list[EpochStats], int]:
     """Train `model` in place for cfg.epochs; return (kept state on the CPU, per-epoch curve, kept epoch).
 
     `train` is a History (or a binary CSR, for the models that need no order). The model's `objective`
-    (PairObjective unless the model names another, as SASRec does) says what a batch is and its loss.
+    says what a batch is and its loss.
 
     With validation candidates the kept state is the best epoch's; with `val` None (a refit) it is the
     last. `on_epoch(epoch, model, kept_epoch)`, if given, is called after each epoch; training stops when
-    it returns False. Every random draw comes from generators of cfg.seed owned by this call (dropout's too), so
+    it returns False. `on_batch()`, if given, is called before each step (it may raise to stop). Every random draw comes from generators of cfg.seed owned by this call (dropout's too), so
     two calls may run at once in two threads and give the same bits as one after the other.
     """
     gens = Generators(seeded_generator(cfg.seed, ORDER_STREAM, device),
                       seeded_generator(cfg.seed, NEGATIVE_STREAM, device),
                       seeded_generator(cfg.seed, SHUFFLE_STREAM, device))  # apart: an epoch's pairs don't depend on chunks
     model.to(device)
-    dropout_gen = seeded_generator(cfg.seed, DROPOUT_STREAM, device)  # one stream for every dropout layer
-    for module in model.modules():
-        if hasattr(module, "dropout_generator"):
-            module.dropout_generator = dropout_gen
+    model.set_dropout_generator(seeded_generator(cfg.seed, DROPOUT_STREAM, device))  # one stream for all
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.batch_size)
-    objective = (getattr(model, "objective", None) or PairObjective)(model, train, cfg, device)
-    if val is not None and hasattr(model, "use_history"):
+    objective = model.objective(train, cfg, device)
+    if val is not None:
         model.use_history(train)  # a sequence model scores the validation item from the train sequence
     k = cfg.topK
     curve: list[EpochStats] = []
@@ -295,6 +259,8 @@ def fit(model: torch.nn.Module, train: sp.csr_matrix, val: Candidates | None, cf
         total = torch.zeros((), dtype=torch.float64, device=device)
         count = torch.zeros((), dtype=torch.float64, device=device)
         for batch in objective.batches(gens):
+            if on_batch is not None:
+                on_batch()
             loss, n = objective.loss(batch)
             optimizer.zero_grad(set_to_none=True)
             (loss / n).backward()
@@ -327,29 +293,29 @@ def fit(model: torch.nn.Module, train: sp.csr_matrix, val: Candidates | None, cf
     return best_state, curve, best_epoch
 
 
-def _refit_worker(model: torch.nn.Module, refit_on: sp.csr_matrix, cfg: FitConfig, device: torch.device, name: str,
-                  inbox: Callable[[bool], tuple[str, int] | None], send: Callable[[tuple], None]) -> None:
-    """Run a refit for up to cfg.epochs, keeping the states the validation run may still choose.
+def _refit_worker(conn, model: Model, refit_on: History, cfg: FitConfig, device: torch.device, name: str) -> None:
+    """The refit: train `model` on `refit_on` without validation, keeping the states the validation run
+    may still choose, and send the chosen one back over the pipe `conn`.
 
     Messages from the validation run: ('floor', e), no epoch before e can be chosen any more;
-    ('stop', e), epoch e was chosen (0: the validation run failed). Sends ('state', arrays of the
-    state after epoch e) or ('error', message).
+    ('stop', e), epoch e was chosen (0: none, stop now). Sends ('state', {name: array} or None), or
+    on any failure ('failed', a PipelineError's message) or ('error', the exception, on one line).
     """
     floor, stop = 1, None
     states: dict[int, dict[str, np.ndarray]] = {}
 
     def read(block: bool = False) -> None:
         nonlocal floor, stop
-        while stop is None and (message := inbox(block)) is not None:
-            kind, epoch = message
-            if kind == "floor":
+        while stop is None and (block or conn.poll()):
+            kind, epoch = conn.recv()
+            if kind == "stop":
+                stop = epoch
+            else:
                 floor = epoch
                 for old in [e for e in states if e < floor]:
                     del states[old]
-            else:
-                stop = epoch
 
-    def keep(epoch: int, refit_model: torch.nn.Module, _: int) -> bool:
+    def keep(epoch: int, refit_model: Model, _: int) -> bool:
         read()
         if epoch >= floor and (stop is None or epoch <= stop):
             states[epoch] = {k: v.numpy() for k, v in _state_on_cpu(refit_model).items()}
@@ -358,71 +324,117 @@ def _refit_worker(model: torch.nn.Module, refit_on: sp.csr_matrix, cfg: FitConfi
     try:
         fit(model, refit_on, None, cfg, device, name, on_epoch=keep)
         read(block=True)
-        send(("state", states.get(stop)))
+        message = ("state", states.get(stop))
     except PipelineError as err:
-        send(("error", str(err)))
+        message = ("failed", str(err))
+    except BaseException as err:  # noqa: BLE001: whatever it is, the validation run must hear of it
+        message = ("error", " ".join(f"{type(err).__name__}: {err}".split()))
+    try:
+        conn.send(message)
+    except OSError:  # the validation run is gone
+        pass
 
 
-def _die_with_parent() -> None:
-    """In a forked child: be killed when the parent dies (Linux), so no orphan keeps training."""
+def _forked_refit(conn, *args) -> None:
+    """The refit in a forked child, which the kernel kills when the parent dies (Linux)."""
     try:
         import ctypes
         import signal
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+    _refit_worker(conn, *args)
 
 
-def _forked_refit(conn, *args) -> None:
-    _die_with_parent()
-    _refit_worker(*args, inbox=lambda block: conn.recv() if block or conn.poll() else None, send=conn.send)
+class Refit:
+    """A refit running beside the validation run: a forked process on the CPU (one torch thread), a
+    thread otherwise (a child forked after torch's OpenMP pool ran with more threads hangs, and CUDA
+    does not survive a fork). Either way one pipe carries the messages, and any failure of the refit
+    (an exception, its process killed) reaches the validation run as a PipelineError naming it."""
+
+    def __init__(self, model: Model, refit_on: History, cfg: FitConfig, device: torch.device, name: str,
+                 in_process: bool | None = None):
+        self.name = name
+        if in_process is None:
+            in_process = device.type == "cpu" and torch.get_num_threads() == 1 and "fork" in mp.get_all_start_methods()
+        self.conn, child = mp.Pipe()
+        args = (child, model, refit_on, cfg, device, f"{name} (refit)")
+        if in_process:
+            self.worker = mp.get_context("fork").Process(target=_forked_refit, args=args, daemon=True)
+            self.worker.start()
+            child.close()  # the child's end lives in the child only: its death is an end-of-file here
+        else:
+            self.worker = threading.Thread(target=_refit_worker, args=args, daemon=True)
+            self.worker.start()
+
+    def tell(self, kind: str, epoch: int) -> None:
+        try:
+            self.conn.send((kind, epoch))
+        except OSError:  # the refit is gone: check() says why
+            self.check()
+
+    def check(self) -> None:
+        """Raise PipelineError if the refit has failed (it sends nothing else before its result)."""
+        if self.conn.poll():
+            self._fail(self._receive())
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """Wait for the refit's chosen state."""
+        kind, payload = self._receive()
+        if kind != "state" or payload is None:
+            self._fail((kind, payload))
+        return {k: torch.from_numpy(v) for k, v in payload.items()}
+
+    def close(self) -> None:
+        """End the refit: kill its process; a thread is told to stop at its next epoch."""
+        if isinstance(self.worker, mp.process.BaseProcess):
+            self.worker.kill()
+            self.worker.join()
+        else:
+            with contextlib.suppress(OSError):
+                self.conn.send(("stop", 0))
+        self.conn.close()
+
+    def _receive(self) -> tuple[str, object]:
+        try:
+            return self.conn.recv()
+        except (EOFError, OSError):
+            if isinstance(self.worker, mp.process.BaseProcess):
+                self.worker.join()
+                code = self.worker.exitcode
+                how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with status {code}"
+                return "error", f"its process {how}: out of memory?"
+            return "error", "its thread ended without a result"
+
+    def _fail(self, message: tuple[str, object]) -> None:
+        kind, payload = message
+        if kind == "failed":  # a PipelineError of the refit's own, which names it
+            raise PipelineError(payload)
+        what = payload if kind == "error" else "no state for the chosen epoch"
+        raise PipelineError(f"{self.name}: the refit on train + validation failed ({what}); no checkpoint was written")
 
 
-def fit_and_refit(make_model: Callable[[bool], torch.nn.Module], train: sp.csr_matrix, refit_on: sp.csr_matrix,
-                  val: Candidates, cfg: FitConfig, device: torch.device = torch.device("cpu"), name: str = "model"
+def fit_and_refit(make_model: Callable[[bool], Model], train: History, refit_on: History, val: Candidates,
+                  cfg: FitConfig, device: torch.device = torch.device("cpu"), name: str = "model",
+                  in_process: bool | None = None,
                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[EpochStats], int]:
     """Choose the epoch on validation, and refit on `refit_on` for that many epochs, side by side.
 
     `make_model(refit)` builds a fresh, seeded model. The refit is a second `fit` with the same seed
-    and no validation, running at the same time (in a forked process on the CPU with one intra-op
-    thread, as in the stages; otherwise a thread, since a child forked after torch's OpenMP pool has
-    run with more threads hangs in its first parallel operation):
-    its state after epoch e equals a refit stopped at e, so the state after the chosen epoch is kept.
-    On two cores the pair takes the time of one run; each uses one thread, so the bits do not depend
-    on the core count or on which of the two is ahead.
-    Returns (refitted state, validation-chosen state, validation curve, chosen epoch).
+    and no validation, running at the same time (see Refit): its state after epoch e equals a refit
+    stopped at e, so the state after the chosen epoch is kept. On two cores the pair takes the time of
+    one run; each uses one thread, so the bits do not depend on the core count or on which is ahead.
+    A failure of either ends both. Returns (refitted state, validation-chosen state, curve, chosen epoch).
     """
     models = make_model(False), make_model(True)  # built one after the other: the seed's draws are fixed
-    args = (models[1], refit_on, cfg, device, f"{name} (refit)")
-    if device.type == "cpu" and torch.get_num_threads() == 1 and "fork" in mp.get_all_start_methods():
-        here, there = mp.get_context("fork").Pipe()
-        worker = mp.get_context("fork").Process(target=_forked_refit, args=(there, *args), daemon=True)
-        tell, receive = here.send, here.recv
-    else:
-        inbox, outbox = queue.Queue(), queue.Queue()
-
-        def take(block: bool):
-            try:
-                return inbox.get(block)
-            except queue.Empty:
-                return None
-        worker = threading.Thread(target=_refit_worker, args=(*args, take, outbox.put), daemon=True)
-        tell, receive = inbox.put, outbox.get
-    worker.start()
-    best = 0
+    refit = Refit(models[1], refit_on, cfg, device, name, in_process)
     try:
-        state, curve, best = fit(models[0], train, val, cfg, device, name,
-                                 on_epoch=lambda epoch, model, kept: tell(("floor", kept)) or True)
+        state, curve, best = fit(models[0], train, val, cfg, device, name, on_batch=refit.check,
+                                 on_epoch=lambda epoch, model, kept: refit.tell("floor", kept) or True)
+        refit.tell("stop", best)  # the refit stops once it has reached the chosen epoch
+        return refit.result(), state, curve, best
     finally:
-        tell(("stop", best))  # the refit stops once it has reached the chosen epoch (at once on an error)
-        try:
-            kind, payload = receive()
-        except EOFError:
-            kind, payload = "error", f"{name}: the refit process ended without a result"
-        worker.join()
-    if kind == "error":
-        raise PipelineError(payload)
-    return {k: torch.from_numpy(v) for k, v in payload.items()}, state, curve, best
+        refit.close()
 
 
 def curve_csv(curve: list[EpochStats]) -> str:

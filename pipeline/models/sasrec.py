@@ -21,6 +21,9 @@ from torch import nn
 
 from pipeline.common import PipelineError, inverted_dropout
 from pipeline.data import History
+from pipeline.models import Model
+from pipeline.params import DROPOUT, LOOP, Spec
+from pipeline.sampling import ComplementSampler
 
 
 def last_items(history: History, users: np.ndarray, length: int, pad: int) -> np.ndarray:
@@ -69,12 +72,29 @@ class Block(nn.Module):
         return x + self.drop2(self.ff2(self.drop_ff(torch.relu(self.ff1(self.norm2(x))))))
 
 
-class SASRec(nn.Module):
+class SASRec(nn.Module, Model):
     """SASRec; item `n_items` is the padding token. Scores with score(users, items) and score_all(users)."""
 
     label = "SASRec"
     neural = True
     lazy_tables = False  # the item table is also the output layer: its gradient is dense
+    params = {
+        "max_len": Spec("int", 1, 4096, doc="the latest items a user is read by"),
+        "hidden": Spec("int", 1, 4096, doc="embedding and attention width"),
+        "blocks": Spec("int", 1, 64, doc="Transformer blocks"),
+        "heads": Spec("int", 1, 64, doc="attention heads (hidden must be a multiple)"),
+        "dropout": DROPOUT,
+        "loss": Spec("choice", choices=("ce", "bce"), doc="ce: full softmax cross-entropy; bce: one sampled "
+                                                          "negative per position (the paper)"),
+        "lr": LOOP["lr"], "weight_decay": LOOP["weight_decay"], "epochs": LOOP["epochs"],
+        "batch_size": Spec("int", 1, 2**20, doc="users (sequences) per step"),
+    }
+
+    @classmethod
+    def check(cls, section: dict, source: str) -> None:
+        if section["hidden"] % section["heads"]:
+            raise PipelineError(f"{source}: 'sasrec.hidden' ({section['hidden']}) must be a multiple of "
+                                f"'sasrec.heads' ({section['heads']}): each head takes an equal share")
 
     def __init__(self, n_items: int, max_len: int, hidden: int, blocks: int, heads: int, dropout: float = 0.0,
                  loss: str = "ce"):
@@ -123,6 +143,14 @@ class SASRec(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.item_embedding.weight.device
+
+    def set_dropout_generator(self, generator: torch.Generator | None) -> None:
+        for module in self.modules():
+            if isinstance(module, GeneratorDropout):
+                module.dropout_generator = generator
+
+    def objective(self, train: History, cfg, device: torch.device) -> "SequenceObjective":
+        return SequenceObjective(self, train, cfg, device)
 
     def use_history(self, history: History) -> None:
         """Score users from these interactions (validation: train; test: train and validation)."""
@@ -184,8 +212,6 @@ class SequenceObjective:
     item (full softmax, or one sampled negative per position); a batch is `batch_size` users."""
 
     def __init__(self, model: SASRec, train: History, cfg, device: torch.device):
-        from pipeline.training import NegativeSampler  # here: pipeline.training imports the models
-
         if not isinstance(train, History):
             raise TypeError("SASRec trains on each user's items in time order: give it a History")
         self.model, self.cfg = model, cfg
@@ -194,7 +220,7 @@ class SequenceObjective:
         sequences = last_items(train, self.users, model.max_len + 1, model.n_items)
         self.sequences = torch.as_tensor(sequences, dtype=torch.long, device=device)
         self.users_t = torch.as_tensor(self.users, dtype=torch.long, device=device)
-        self.sampler = NegativeSampler(train.matrix, device) if model.loss == "bce" else None
+        self.sampler = ComplementSampler(train.matrix, device) if model.loss == "bce" else None
 
     def batches(self, gens) -> Iterator[tuple[torch.Tensor, ...]]:
         order = torch.randperm(len(self.users), generator=gens.order, device=self.sequences.device)
@@ -205,7 +231,7 @@ class SequenceObjective:
             if self.sampler is None:
                 yield inputs, targets
             else:
-                yield inputs, targets, self.sampler.sample(self.users_t[picked], targets.shape[1], gens.negative)
+                yield inputs, targets, self.sampler.draw(self.users_t[picked], targets.shape[1], gens.negative)
 
     def loss(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed loss over the predicted positions, number of them)."""
@@ -224,4 +250,4 @@ class SequenceObjective:
         return loss, mask.sum()
 
 
-SASRec.objective = SequenceObjective
+MODEL = SASRec
