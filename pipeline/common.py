@@ -35,8 +35,7 @@ def configure_torch() -> None:
     """Set up torch for a stage: THREADS threads, and subnormal floats flushed to zero.
 
     Tiny embedding products are subnormal, and on some CPUs every operation on one costs about a
-    hundred cycles: flushing them made an MLP epoch about 5x faster on the 2-core development
-    machine, with the same bits on every run.
+    hundred cycles; flushing them gives the same bits on every run (what it saves: docs/results.md).
     """
     import torch  # here, not at the top: the data stages do not need torch
 

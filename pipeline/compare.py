@@ -64,7 +64,7 @@ def read_run(rev: str | None, repo: str | None = None) -> Run:
         if not path.exists():
             raise PipelineError(f"{path}: not found in the workspace; run `dvc repro` first")
         return parse_ranks(WORKSPACE, path)
-    import dvc.api  # here: about 0.5 s to import, needed only for revisions
+    import dvc.api  # here: slow to import, needed only for revisions
     from dvc.exceptions import DvcException
     from dvc.scm import RevError
 

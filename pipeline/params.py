@@ -242,7 +242,9 @@ def validate(raw: Any, source: str = PARAMS_FILE, models: Iterable[str] | None =
         elif cls.params:
             params[name] = _convert(name, raw[name], source, Spec("section", fields=dict(cls.params)))
         cls.check(model_section(params, name), source)
-        _check_lists(params, name, cls, source)
+        _check_listed(params, name, cls, source)
+    for name, cls in classes.items():  # once every listed model is known to be in the right list
+        _check_needs(params, name, cls, source)
     if params["min_rating"] > 0 and params["dataset"] == "custom" and params["custom_rating"] == "":
         raise PipelineError(f"{source}: 'min_rating' is {params['min_rating']}, but custom_rating is '' "
                             "(the custom table has no rating column); set min_rating to 0")
@@ -262,8 +264,8 @@ def _no_section(name: str, cls) -> str:
     return f"{cls.label} has no knobs" + (f"; it is always trained (stage train_{name})" if cls.always_trained else "")
 
 
-def _check_lists(params: dict[str, Any], name: str, cls, source: str) -> None:
-    """Model `name` is listed where it belongs (`models`, `fused`), and can recommend only if trained."""
+def _check_listed(params: dict[str, Any], name: str, cls, source: str) -> None:
+    """Model `name` is listed only where it belongs: `models` or `fused`, never if always trained."""
     for key in ("models", "fused"):
         if name not in params[key]:
             continue
@@ -274,6 +276,10 @@ def _check_lists(params: dict[str, Any], name: str, cls, source: str) -> None:
             right = "fused" if cls.fused_from else "models"
             raise PipelineError(f"{source}: '{key}' lists {name!r}; it belongs in '{right}'"
                                 + (f" (it starts from {' and '.join(cls.fused_from)})" if cls.fused_from else ""))
+
+
+def _check_needs(params: dict[str, Any], name: str, cls, source: str) -> None:
+    """A fused model `name` has its sources trained, and it recommends only if trained."""
     if name in params["fused"]:
         needs = [m for m in cls.fused_from if m not in params["models"] and not get_model(m).always_trained]
         if needs:
@@ -282,8 +288,9 @@ def _check_lists(params: dict[str, Any], name: str, cls, source: str) -> None:
                 f"checkpoints, but 'models' lacks {', '.join(map(repr, needs))}; add it to 'models' or "
                 f"remove {name!r} from 'fused'")
     if params["recommend_model"] == name and not is_trained(params, name):
-        raise PipelineError(f"{source}: 'recommend_model' is {name!r}, which is not trained; add it to 'models' "
-                            "or 'fused', or pick one of those or an always trained model")
+        raise PipelineError(f"{source}: 'recommend_model' is {name!r}, which is not trained "
+                            f"({', '.join(trained_models(params))}); add it to 'models' or 'fused', or pick one of "
+                            "those")
 
 
 def is_trained(params: dict[str, Any], name: str) -> bool:

@@ -133,9 +133,9 @@ LAZY_ROWS_PER_BATCH = 8  # a table with more rows than this many batches' pairs 
 def make_optimizer(model: Model, lr: float, weight_decay: float, batch_size: int) -> _Optimizers:
     """Fused Adam, except LazyAdam for embedding tables of more than LAZY_ROWS_PER_BATCH x batch_size rows.
 
-    Fused Adam updates every tensor in one kernel (about 4x less optimiser time per step on CPU
-    than plain Adam), but it reads and writes a whole table at every step: at ml-20m's 138,493
-    users that made an MLP step 11 times slower than at ml-100k's 943. A large table is switched to
+    Fused Adam updates every tensor in one kernel, but it reads and writes a whole table at every
+    step, so its step grows with the table (ml-20m's 138,493 users against ml-100k's 943: measured
+    in docs/scale.md). A large table is switched to
     sparse gradients and LazyAdam, which moves only the rows a batch touched. A small one stays
     dense (LazyAdam's bookkeeping costs more than it saves there, and dense Adam also moves the
     rows a batch missed, by their momentum).

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 import re
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +19,18 @@ import torch
 
 from conftest import REMOVE, set_models, set_params, stage, user_error
 from pipeline.data import load_split
-from pipeline.params import SPECS
+from pipeline.models import get as get_model, list_models
+from pipeline.params import SPECS, Spec
+
+
+def train_args(model: str) -> list[str]:
+    """The arguments of model's train stage (train_mlp, train@gmf, fuse@neumf, ...)."""
+    return [model, "data/prepared", "data/candidates", "data/models", "metrics/training"]
+
 
 STAGE_ARGS = {
     "sample_negatives": ["data/prepared", "data/candidates"],
-    "train": ["mlp", "data/prepared", "data/candidates", "data/models", "metrics/training"],
+    "train": train_args("mlp"),
     "evaluate": ["data/prepared", "data/candidates", "data/models", "metrics/test.json", "metrics/intervals.json",
                  "metrics/hr_at_k", "data/ranks.npz"],
 }
@@ -95,15 +104,25 @@ def test_duplicates_and_short_users_are_logged_and_handled(workdir: Path) -> Non
     assert 5 not in split.test_users.tolist() and split.train[5].nnz == 2  # user 99 is index 5
 
 
-WRONG_TYPE = {"int": "many", "float": "fast", "int_list": "wide", "choice": 3, "choice_list": 3, "bool": "maybe",
-              "str": 5, "column": 1.5, "section": "fast"}
+WRONG_TYPE = {"int": "many", "float": "fast", "int_list": "wide", "choice": 3, "model": 3, "model_list": 3,
+              "bool": "maybe", "str": 5, "column": 1.5, "section": "fast"}
 
+# Each model's section in params.yaml, as validate checks it (the MLP's knobs are top-level keys).
+SECTION_SPECS = {name: Spec("section", fields=dict(get_model(name).params)) for name in list_models()
+                 if get_model(name).params and not get_model(name).top_level}
 # Every value a user sets: the top-level keys (the MLP's among them), and each field of each model's
 # section as 'section.field'.
-PARAM_SPECS = {key: spec for key, spec in SPECS.items() if spec.kind != "section"}
-PARAM_SPECS.update({f"{key}.{name}": field for key, spec in SPECS.items() if spec.kind == "section"
+PARAM_SPECS = dict(SPECS)
+PARAM_SPECS.update({key: spec for name in list_models() if get_model(name).top_level
+                    for key, spec in get_model(name).params.items()})
+PARAM_SPECS.update({f"{key}.{name}": field for key, spec in SECTION_SPECS.items()
                     for name, field in spec.fields.items()})
-SECTIONS = sorted(key for key, spec in SPECS.items() if spec.kind == "section")
+SECTIONS = sorted(SECTION_SPECS)
+
+
+def trainer(key: str) -> str:
+    """The model whose train stage reads `key`: a section's own model; the MLP for a top-level key."""
+    return key.split(".")[0] if "." in key else "mlp"
 
 
 def out_of_range(spec):
@@ -112,8 +131,8 @@ def out_of_range(spec):
         return [int(spec.high) + 1]
     if spec.kind in ("int", "float"):
         return int(spec.high) + 1 if spec.kind == "int" else spec.high * 2 + 1
-    return {"choice": "nonsense", "choice_list": ["nonsense"], "bool": "yes please", "str": "  ",
-            "column": -1}[spec.kind]
+    return {"choice": "nonsense", "model": "nonsense", "model_list": ["nonsense"], "bool": "yes please",
+            "str": "  ", "column": -1}[spec.kind]
 
 
 def test_every_section_field_is_covered() -> None:
@@ -131,7 +150,7 @@ def test_every_param_mistake_stops_training_before_any_work(prepared: Path, monk
     spec = PARAM_SPECS[key]
     value = WRONG_TYPE[spec.kind] if mistake == "wrong_type" else out_of_range(spec)
     set_params(prepared, **{key: value})
-    code, err = run_in_process("train", STAGE_ARGS["train"], prepared, monkeypatch, capsys)
+    code, err = run_in_process("train", train_args(trainer(key)), prepared, monkeypatch, capsys)
     assert code == 2
     allowed = spec.describe()
     if spec.kind == "int_list" and mistake == "wrong_type":  # not a list: "a non-empty list of integers, ..."
@@ -146,46 +165,62 @@ def test_every_param_mistake_stops_training_before_any_work(prepared: Path, monk
 @pytest.mark.parametrize("mistake", ["not_a_mapping", "unknown_field", "missing_field"])
 def test_every_section_mistake_stops_training_before_any_work(prepared: Path, monkeypatch, capsys,
                                                               section: str, mistake: str) -> None:
-    fields = list(SPECS[section].fields)
+    fields = list(SECTION_SPECS[section].fields)
     if mistake == "missing_field" and not fields:
         pytest.skip(f"'{section}' has no fields to leave out")
     if mistake == "not_a_mapping":
         set_params(prepared, **{section: WRONG_TYPE["section"]})
-        words = f"'{section}' must be {SPECS[section].describe()}"
+        words = f"'{section}' must be {SECTION_SPECS[section].describe()}"
     elif mistake == "unknown_field":
         set_params(prepared, **{f"{section}.learning_rate": 0.1})
         words = f"unknown key(s) '{section}.learning_rate'"
     else:
         set_params(prepared, **{f"{section}.{fields[-1]}": REMOVE})
         words = f"missing key(s) '{section}.{fields[-1]}'"
-    code, err = run_in_process("train", STAGE_ARGS["train"], prepared, monkeypatch, capsys)
+    code, err = run_in_process("train", train_args(section), prepared, monkeypatch, capsys)
     assert code == 2 and words in err and "params.yaml" in err, err
     assert not (prepared / "data/models").exists() and not (prepared / "metrics").exists()
 
 
-@pytest.mark.parametrize("changes, words", [
-    ({"layers": [15, 8]}, "'layers' first entry must be even"),
-    ({"models": ["mf", "ease"]}, "'fused' has 'neumf', which starts from the gmf and mlp checkpoints"),
-    ({"models": ["gmf", "mlp"]}, "'models' lists 'mlp', which always train (stages train_mlp)"),
-    ({"fused": ["neumf", "itempop"]}, "'fused' lists 'itempop', which always train (stages train_itempop)"),
-    ({"models": ["gmf"]}, "'recommend_model' is 'ease', which is not trained"),
-    ({"topK": 22}, "'topK' must be at most test_negatives + 1 = 21"),
-    ({"negatives": 0}, "'negatives' must be an integer in [1, 1000]"),
-    ({"gmf.lr": 0}, "'gmf.lr' must be a number in (0, 1]"),
-    ({"learning_rate": 0.1}, "unknown key(s) 'learning_rate'"),
-    ({"mlp": {"lr": 0.1}}, "unknown key(s) 'mlp'; 'mlp': the MLP's knobs are top-level keys now"),  # the old section
-    ({"itempop": {}}, "unknown key(s) 'itempop'; 'itempop': ItemPop has no knobs"),
-    ({"gmf.learning_rate": 0.1}, "unknown key(s) 'gmf.learning_rate'"),
-    ({"gmf.lr": REMOVE}, "missing key(s) 'gmf.lr'"),
-    ({"neumf.layers": [16, 8]}, "unknown key(s) 'neumf.layers'"),
-], ids=["odd_layers", "neumf_without_gmf", "mlp_in_models", "itempop_in_fused", "recommend_untrained", "topK",
-        "negatives", "gmf_lr", "unknown", "old_mlp_section", "old_itempop_section", "unknown_field",
-        "missing_field", "old_neumf_field"])
-@pytest.mark.parametrize("module", sorted(STAGE_ARGS))
-def test_param_rules_stop_every_stage_that_reads_params(prepared: Path, monkeypatch, capsys, module: str,
+# Each rule, and the stages that read the keys it checks: the data stages read no model's knobs, a
+# train stage ("train@<model>"; "train" is train_mlp) its own model's, evaluate every key.
+PARAM_RULES = [
+    ("odd_layers", {"layers": [15, 8]}, "'layers' first entry must be even", ("train", "evaluate")),
+    ("neumf_without_gmf", {"models": ["mf", "ease"]},
+     "'fused' has 'neumf', which starts from the gmf and mlp checkpoints", ("train@neumf", "evaluate")),
+    ("mlp_in_models", {"models": ["gmf", "mlp"]}, "'models' lists 'mlp', which always trains (stage train_mlp)",
+     ("train", "evaluate")),
+    ("itempop_in_fused", {"fused": ["neumf", "itempop"]},
+     "'fused' lists 'itempop', which always trains (stage train_itempop)", ("train@itempop", "evaluate")),
+    ("recommend_untrained", {"models": ["gmf"]}, "'recommend_model' is 'ease', which is not trained", ("evaluate",)),
+    ("topK", {"topK": 22}, "'topK' must be at most test_negatives + 1 = 21", ("sample_negatives", "train", "evaluate")),
+    ("negatives", {"negatives": 0}, "'negatives' must be an integer in [1, 1000]", ("train", "evaluate")),
+    ("gmf_lr", {"gmf.lr": 0}, "'gmf.lr' must be a number in (0, 1]", ("train@gmf", "evaluate")),
+    ("unknown", {"learning_rate": 0.1}, "unknown key(s) 'learning_rate'", ("evaluate",)),
+    ("old_mlp_section", {"mlp": {"lr": 0.1}},  # the old section
+     "unknown key(s) 'mlp'; 'mlp': the MLP's knobs are top-level keys", ("evaluate",)),
+    ("old_itempop_section", {"itempop": {}}, "unknown key(s) 'itempop'; 'itempop': ItemPop has no knobs",
+     ("evaluate",)),
+    ("unknown_field", {"gmf.learning_rate": 0.1}, "unknown key(s) 'gmf.learning_rate'", ("train@gmf", "evaluate")),
+    ("missing_field", {"gmf.lr": REMOVE}, "missing key(s) 'gmf.lr'", ("train@gmf", "evaluate")),
+    ("old_neumf_field", {"neumf.layers": [16, 8]}, "unknown key(s) 'neumf.layers'", ("train@neumf", "evaluate")),
+]
+
+
+def stage_args(name: str) -> tuple[str, list[str]]:
+    """(module, arguments) of a stage: 'evaluate', 'train' (train_mlp), 'train@gmf' (train@gmf, fuse@neumf)."""
+    module, _, model = name.partition("@")
+    return module, train_args(model) if model else STAGE_ARGS[module]
+
+
+@pytest.mark.parametrize("stage_name, changes, words", [
+    pytest.param(name, changes, words, id=f"{name}-{rule}")
+    for rule, changes, words, stages in PARAM_RULES for name in stages])
+def test_param_rules_stop_every_stage_that_reads_params(prepared: Path, monkeypatch, capsys, stage_name: str,
                                                         changes: dict, words: str) -> None:
     set_params(prepared, **changes)
-    code, err = run_in_process(module, STAGE_ARGS[module], prepared, monkeypatch, capsys)
+    module, args = stage_args(stage_name)
+    code, err = run_in_process(module, args, prepared, monkeypatch, capsys)
     assert code == 2 and words in err, err
     assert not (prepared / "data/candidates").exists() and not (prepared / "metrics").exists()
     assert not (prepared / "data/models").exists()
@@ -194,16 +229,21 @@ def test_param_rules_stop_every_stage_that_reads_params(prepared: Path, monkeypa
 def test_nan_loss_stops_training_naming_the_epoch(prepared: Path, monkeypatch, capsys) -> None:
     assert stage("sample_negatives", *STAGE_ARGS["sample_negatives"], cwd=prepared).returncode == 0
     set_params(prepared, epochs=3, layers=[16, 8], batch_size=64)
-    from pipeline import models
-    forward = models.MLP.forward
+    MLP = get_model("mlp")
+    forward = MLP.forward
     calls = {"n": 0}
+    # Only the validation run diverges: the refit runs beside it (a forked process, or a thread), and
+    # were it to diverge too, which of the two errors comes first would be a race.
+    validation_run = (os.getpid(), threading.get_ident())
 
     def diverging(self, users, items):
         out = forward(self, users, items)
+        if (os.getpid(), threading.get_ident()) != validation_run:
+            return out
         calls["n"] += 1
         return out * math.inf if calls["n"] > 10 else out  # diverges during epoch 1's training
 
-    monkeypatch.setattr(models.MLP, "forward", diverging)
+    monkeypatch.setattr(MLP, "forward", diverging)
     code, err = run_in_process("train", STAGE_ARGS["train"], prepared, monkeypatch, capsys)
     assert code == 2
     assert "mlp: training diverged at epoch 1" in err and "smaller lr" in err and "No checkpoint" in err, err
@@ -214,7 +254,7 @@ def test_nan_loss_stops_training_naming_the_epoch(prepared: Path, monkeypatch, c
 def test_nan_scores_stop_evaluation(prepared: Path, monkeypatch, capsys) -> None:
     assert stage("sample_negatives", *STAGE_ARGS["sample_negatives"], cwd=prepared).returncode == 0
     set_models(prepared, ["itempop", "mlp"])
-    from pipeline.models import MLP
+    MLP = get_model("mlp")
     split = load_split(prepared / "data/prepared")
     counts = torch.from_numpy(np.asarray(split.train.sum(axis=0)).ravel().astype(np.int64))
     (prepared / "data/models").mkdir(parents=True)

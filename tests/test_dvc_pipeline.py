@@ -224,6 +224,41 @@ def test_dropping_models(project, env) -> None:
     metrics = check_metrics(root, ["itempop", "mlp", "mf", "ease"])
     assert set(metrics) == {"k", "full_rank_users", "itempop", "mlp", "mf", "ease"}
     assert "GMF" not in (root / "metrics/report.md").read_text()
+    # A dropped model is no longer drawn, though its old curve is still in the workspace.
+    assert (root / "metrics/training/gmf.csv").exists()
+    assert drawn_files(root, env) == {f"{d}/{m}.csv" for d in ("training", "hr_at_k") for m in
+                                      ["itempop", "mlp", "mf", "ease"]}
+
+
+def drawn_files(root: Path, env: dict) -> set[str]:
+    """`dvc plots show`: with no warning or error, the data files it draws ('training/mlp.csv', ...)."""
+    proc = sh(f"{DVC} plots show --json", root, env)
+    assert proc.returncode == 0 and not re.search(r"warning|error|failed", proc.stdout + proc.stderr, re.I), \
+        proc.stdout + proc.stderr
+    shown = json.loads(proc.stdout)
+    assert not shown.get("errors"), shown["errors"]
+    images = {plot_id for plot_id in shown["data"] if plot_id.endswith(".png")}
+    assert images == {"metrics/plots/training.png", "metrics/plots/hr_at_k.png"}, images  # the report's charts
+    files = {re.fullmatch(r"metrics/(\w+/\w+\.csv)", plot_id) for plot_id in set(shown["data"]) - images}
+    assert None not in files, list(shown["data"])
+    return {match.group(1) for match in files}
+
+
+def test_editing_one_model_reruns_only_its_stages(project, env) -> None:
+    """A comment appended to one model's module changes that model's stages (and those that read their
+    outputs), and no other training stage: NeuMF's changes with the MLP's, since it starts from it."""
+    root = project.root
+    for module, expected in (("ease", {"train@ease"}), ("mlp", {"train_mlp", "fuse@neumf"}),
+                             ("gmf", {"train@gmf", "fuse@neumf"})):
+        restore(root, env)
+        assert "Data and pipelines are up to date" in run(f"{DVC} status", root, env)
+        with open(root / f"pipeline/models/{module}.py", "a", encoding="utf-8") as fh:
+            fh.write("# an edit\n")
+        status = run(f"{DVC} status", root, env, stdout_only=True)
+        changed = set(re.findall(r"^([\w@-]+):$", status, re.M))
+        assert {s for s in changed if s.startswith(("train", "fuse"))} == expected, (module, status)
+        assert "evaluate" in changed, status  # it reads every model's checkpoint
+    restore(root, env)
 
 
 def test_bad_values_and_unknown_keys_are_one_line_errors(project, env) -> None:
@@ -284,11 +319,11 @@ def test_metrics_diff_and_plots_between_branches(project, env, tmp_path) -> None
                 assert f"{model}.{key}" in diff, (model, key, diff)
         assert {line.split()[0] for line in diff.splitlines()[1:] if line.strip()} == {"metrics/test.json"}, diff
 
-        # Plots: the training curves of each neural model, test HR@K of every model; across branches.
+        # Plots: each model's validation curve and test HR@K; across branches.
+        assert drawn_files(root, env) == {f"{d}/{m}.csv" for d in ("training", "hr_at_k") for m in ALL_MODELS}
         run(f"{DVC} plots show", root, env)
         html = (root / "dvc_plots/index.html").read_text()
-        assert "val_hr" in html and "loss" in html
-        assert all(f'"filename": "{m}.csv"' in html for m in ALL_MODELS), html  # metrics/*/<model>.csv
+        assert "val_hr" in html and '"hr"' in html
         run(f"{DVC} plots diff main other", root, env)
         html = (root / "dvc_plots/index.html").read_text()
         assert '"main"' in html and '"other"' in html
@@ -327,14 +362,12 @@ def test_plots_show_every_evaluated_model_with_fewer_models(small_project, env) 
     root = small_project
     restore(root, env)
     check_metrics(root, SMALL)
+    # Each trained model's validation curve and test HR@K: no plot of a model that was not trained.
+    assert drawn_files(root, env) == {f"{d}/{m}.csv" for d in ("training", "hr_at_k") for m in SMALL}
     out = run(f"{DVC} plots show", root, env)
     html = (root / "dvc_plots/index.html").read_text()
-    # DVC warns about the files of the models that were not trained, and draws every other series.
     specs = html.split("var spec = ")[1:]
-    assert len(specs) == 3 and not any(spec.startswith("{}") for spec in specs), out  # no plot left empty
-    hr_spec = next(spec for spec in specs if '"hr"' in spec and '"k"' in spec)
-    assert all(f'"filename": "{m}.csv"' in hr_spec for m in SMALL), hr_spec  # metrics/hr_at_k/<model>.csv
-    assert '"filename": "ease.csv"' not in hr_spec
+    assert len(specs) == 2 * len(SMALL) and not any(spec.startswith("{}") for spec in specs), out  # none empty
     assert html.count("<img") == 2  # the report's PNG charts
 
 
@@ -374,10 +407,72 @@ def test_dataset_switch_remote_and_fresh_clone(small_project, env, tmp_path) -> 
         assert "Data and pipelines are up to date" in status, status
         assert outputs_digest(clone) == outputs_digest(root)
         check_metrics(clone, SMALL)
-        # dvc.yaml's training plots name all four neural models' curves; those not trained have no file.
-        run(f"{DVC} plots show", clone, env)
-        html = (clone / "dvc_plots/index.html").read_text()
-        assert all(f'"filename": "{m}.csv"' in html for m in ("mlp", "gmf")), html
+        assert drawn_files(clone, env) == {f"{d}/{m}.csv" for d in ("training", "hr_at_k") for m in SMALL}
     finally:
         run("git reset -q --hard HEAD~1", root, env)  # the project's remote goes with its commit
         restore(root, env)
+
+
+# ------------------------------------------------------------------------- a model of one's own
+
+TOY_MODULE = '''"""A toy model for the test: popularity raised to a power (closed form)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline.models import Model
+from pipeline.params import Spec
+
+
+class Toy(Model):
+    label = "ToyPop"
+    neural = False
+    params = {"power": Spec("float", 0.0, 10.0, doc="exponent of each item's count")}
+
+    def __init__(self, weights):
+        self.weights = np.asarray(weights, dtype=np.float64)
+
+    @staticmethod
+    def fit(train, section):
+        counts = np.bincount(train.indices, minlength=train.shape[1]).astype(np.float64)
+        return {"weights": torch.from_numpy(counts ** section["power"])}
+
+    @classmethod
+    def from_state(cls, state, history):
+        return cls(state["weights"].numpy())
+
+    @property
+    def n_items(self):
+        return len(self.weights)
+
+    def score(self, users, items):
+        return self.weights[items]
+
+    def score_all(self, users):
+        return torch.from_numpy(self.weights.astype(np.float32)).expand(len(users), len(self.weights))
+
+
+MODEL = Toy
+'''
+
+
+def test_a_new_model_is_one_module_and_its_params_section(tmp_path, env) -> None:
+    """A module in pipeline/models/, its section in params.yaml, its name in `models`: no other file
+    is edited, and `dvc repro` trains it, evaluates it, reports it and draws it."""
+    root = make_project(tmp_path / "repo", env, models=[], fused=[], recommend_model="itempop")
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file() and ".git" not in p.parts}
+    (root / "pipeline/models/toy.py").write_text(TOY_MODULE, encoding="utf-8")
+    set_params(root, models=["toy"], toy={"power": 0.5})
+    out = run(f"{DVC} repro", root, env)
+    assert {"train@toy", "evaluate", "report"} <= ran_stages(out), out
+    assert "train: toy: closed form: val HR@10" in out, out
+    changed = {str(p.relative_to(root)) for p, data in before.items() if p.read_bytes() != data}
+    assert changed == {"params.yaml"}, changed  # (dvc.lock and the outputs are new files)
+    metrics = check_metrics(root, ["itempop", "mlp", "toy"])
+    assert 0 < metrics["toy"]["hr"] <= 1
+    report = (root / "metrics/report.md").read_text()
+    assert "| ToyPop |" in report, report
+    assert drawn_files(root, env) == {f"{d}/{m}.csv" for d in ("training", "hr_at_k") for m in ("itempop", "mlp", "toy")}
+    # The toy model ranks by popularity, as ItemPop does: a power of a count keeps the order.
+    assert metrics["toy"]["hr"] == metrics["itempop"]["hr"]

@@ -10,9 +10,10 @@ Contracts checked:
 - `read_titles` (u.item of ml-100k, and the ml-1m and CSV movie lists): movie_id int64 and title
   str, or a PipelineError naming the file; valid lists round-trip (latin-1, quotes, ragged lines,
   blank lines); a bad movie id is named by its line.
-- `params.validate`: for every key of SPECS and of its sections (so keys added later are covered)
-  and every kind ('int', 'float', 'int_list', 'choice', 'choice_list', 'bool', 'str', 'column',
-  'section'), any replacement value is accepted (converted, of the kind, in range) or rejected
+- `params.validate`: for every key of SPECS, every model's knobs (the MLP's top-level keys, the
+  others' sections: so keys and models added later are covered) and every kind ('int', 'float',
+  'int_list', 'choice', 'model', 'model_list', 'bool', 'str', 'column', 'section'), any
+  replacement value is accepted (converted, of the kind, in range) or rejected
   with a PipelineError naming the source and the key ('gmf.lr' in a section); in-range numbers
   written as strings (as DVC writes them) give the same result as the numbers; valid values of
   the other kinds round-trip, also through YAML; a wrong type is rejected naming the key; unknown
@@ -43,10 +44,10 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from conftest import REPO
-from pipeline.build_matrix import read_ratings
 from pipeline.common import PipelineError
 from pipeline.datasets import DATASETS, Table, read_interactions, read_titles
-from pipeline.params import CORE_MODELS, SPECS, Spec, validate
+from pipeline.models import get as get_model, list_models
+from pipeline.params import SPECS, Spec, validate
 from pipeline.sampling import ComplementSampler, distinct_ranks
 
 
@@ -460,12 +461,32 @@ def test_read_titles_arbitrary_bytes(fuzz_dir, name, data):
 SOURCE = "fuzz-dir/params-under-test.yaml"
 BASE = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
 NUMERIC_KINDS = {"int", "float", "int_list"}
-OTHER_KINDS = {"choice", "choice_list", "bool", "str", "column"}
+OTHER_KINDS = {"choice", "model", "model_list", "bool", "str", "column"}
 Path_ = tuple[str, ...]  # a key, or a section and its key: ("dataset",), ("gmf", "lr")
+CORE_MODELS = tuple(m for m in list_models() if get_model(m).always_trained)  # itempop, mlp
+# Which models each list may name: `models` those trained from the data alone, `fused` the fused ones.
+LIST_MODELS = {"models": tuple(m for m in list_models() if not get_model(m).always_trained
+                               and not get_model(m).fused_from),
+               "fused": tuple(m for m in list_models() if get_model(m).fused_from)}
+
+
+def _all_specs() -> dict[str, Spec]:
+    """Every top-level key of params.yaml: SPECS, the MLP's knobs, one section per other model with knobs."""
+    specs = dict(SPECS)
+    for name in list_models():
+        cls = get_model(name)
+        if cls.top_level:
+            specs.update(cls.params)
+        elif cls.params:
+            specs[name] = Spec("section", fields=dict(cls.params))
+    return specs
+
+
+ALL_SPECS = _all_specs()
 
 
 def _paths(specs: dict[str, Spec], prefix: Path_ = ()) -> dict[Path_, Spec]:
-    """Every key of SPECS and of its sections (so keys and sections added later are covered)."""
+    """Every key of ALL_SPECS and of its sections (so keys and sections added later are covered)."""
     out = {}
     for key, spec in specs.items():
         out[prefix + (key,)] = spec
@@ -474,7 +495,7 @@ def _paths(specs: dict[str, Spec], prefix: Path_ = ()) -> dict[Path_, Spec]:
     return out
 
 
-PATHS = _paths(SPECS)
+PATHS = _paths(ALL_SPECS)
 ALL_PATHS = sorted(PATHS)
 NUMERIC_PATHS = sorted(p for p, s in PATHS.items() if s.kind in NUMERIC_KINDS)
 OTHER_PATHS = sorted(p for p, s in PATHS.items() if s.kind in OTHER_KINDS)
@@ -533,7 +554,7 @@ def _assert_names_key(message: str, key: str) -> None:
         return
     # A cross-key rule checked on another key (e.g. topK <= test_negatives + 1 when test_negatives
     # changes): the message quotes the key it checks and states the rule with this key's name.
-    others = [q for q in re.findall(r"'([^']*)'", message) if q.split(".")[0] in SPECS and q != key]
+    others = [q for q in re.findall(r"'([^']*)'", message) if q.split(".")[0] in ALL_SPECS and q != key]
     assert others and re.search(rf"\b{re.escape(key.split('.')[-1])}\b", message), (key, message)
 
 
@@ -548,11 +569,13 @@ def _assert_valid_value(spec: Spec, value: Any, given: Any) -> None:
         assert all(type(v) is int and _in_range(spec, v) for v in value)
     elif spec.kind == "choice":
         assert type(value) is str and value in spec.choices and value == given
-    elif spec.kind == "choice_list":
-        assert type(value) is list and (value or spec.optional) and len(set(value)) == len(value)
-        assert all(type(v) is str and v in spec.choices for v in value)
+    elif spec.kind == "model":
+        assert type(value) is str and value in list_models() and value == given
+    elif spec.kind == "model_list":
+        assert type(value) is list and len(set(value)) == len(value)
+        assert all(type(v) is str and v in list_models() and not get_model(v).always_trained for v in value)
         given = yaml.safe_load(given) if isinstance(given, str) else given
-        assert value == ([] if given is None and spec.optional else given)
+        assert value == ([] if given is None else given)
     elif spec.kind == "bool":
         assert type(value) is bool
         assert value is given or (type(given) is str and given.strip().lower() == str(value).lower())
@@ -572,7 +595,7 @@ def _assert_valid_value(spec: Spec, value: Any, given: Any) -> None:
 
 _BOUNDARY_INTS = sorted({int(b) + d for s in PATHS.values() if s.kind in NUMERIC_KINDS
                          for b in (s.low, s.high) for d in (-1, 0, 1)})
-_CHOICES = sorted({c for s in PATHS.values() for c in s.choices})
+_CHOICES = sorted({c for s in PATHS.values() for c in s.choices} | set(list_models()))
 _SCALARS = st.one_of(
     st.none(), st.booleans(),
     st.integers(-(2**70), 2**70), st.sampled_from([10**400, -(10**400)]),  # beyond the float range
@@ -598,7 +621,7 @@ ANY_VALUE = st.recursive(
 def test_base_params_are_valid():
     params, message = _validate(copy.deepcopy(BASE))
     assert message is None, message
-    assert set(params) == set(SPECS)
+    assert set(params) == set(ALL_SPECS) == set(BASE)
     for path, spec in PATHS.items():
         _assert_valid_value(spec, _get(params, path), _get(BASE, path))
 
@@ -637,7 +660,7 @@ def test_validate_any_value_for_one_key(path, value):
     if message is not None:
         _assert_names_key(message, _name(path))
         return
-    assert set(params) == set(SPECS)
+    assert set(params) == set(ALL_SPECS)
     _assert_valid_value(spec, _get(params, path), value)
     _assert_only_changed(params, path)
 
@@ -719,13 +742,15 @@ def test_validate_rejects_out_of_range(data, path, as_string):
     assert f"'{_name(path)}' must be {spec.describe()}" in message, message
 
 
-def _valid_other(spec: Spec) -> st.SearchStrategy[Any]:
+def _valid_other(spec: Spec, path: Path_) -> st.SearchStrategy[Any]:
     """Valid values of the non-numeric kinds, in the forms YAML and DVC give them."""
     if spec.kind == "choice":
         return st.sampled_from(spec.choices)
-    if spec.kind == "choice_list":
-        lists = st.lists(st.sampled_from(spec.choices), min_size=0 if spec.optional else 1, unique=True)
-        none = [st.none(), st.just("[]")] if spec.optional else []  # `models: []`, or nothing after `models:`
+    if spec.kind == "model":
+        return st.sampled_from(list_models())
+    if spec.kind == "model_list":
+        lists = st.lists(st.sampled_from(LIST_MODELS[_name(path)]), unique=True)
+        none = [st.none(), st.just("[]")]  # `models: []`, or nothing after `models:`
         return st.one_of(lists, lists.map(lambda v: "[" + ", ".join(v) + "]"), *none)  # as `-S models=[a,b]` writes it
     if spec.kind == "bool":
         return st.one_of(st.booleans(), st.sampled_from(["true", "false", "True", "FALSE", " true "]))
@@ -736,25 +761,26 @@ def _valid_other(spec: Spec) -> st.SearchStrategy[Any]:
     return st.one_of(st.integers(0, 2**40), st.sampled_from([0, 1, "userId", "user id"]), names)
 
 
-def _wrong_other(spec: Spec) -> st.SearchStrategy[Any]:
+def _wrong_other(spec: Spec, path: Path_) -> st.SearchStrategy[Any]:
     """Values of a wrong type (or outside the choices) for the non-numeric kinds."""
-    containers = st.one_of(st.lists(_valid_other(spec), min_size=1, max_size=2),
-                           st.dictionaries(st.text(max_size=3), _valid_other(spec), min_size=1, max_size=2))
+    containers = st.one_of(st.lists(_valid_other(spec, path), min_size=1, max_size=2),
+                           st.dictionaries(st.text(max_size=3), _valid_other(spec, path), min_size=1, max_size=2))
     common = st.one_of(st.none(), st.floats(), containers)
-    if spec.kind == "choice":
-        near = [c.upper() for c in spec.choices] + [f" {c}" for c in spec.choices]
+    if spec.kind in ("choice", "model"):
+        choices = spec.choices if spec.kind == "choice" else tuple(list_models())
+        near = [c.upper() for c in choices] + [f" {c}" for c in choices]
         return st.one_of(common, st.booleans(), st.integers(),
-                         st.text(max_size=8).filter(lambda s: s not in spec.choices),
-                         st.sampled_from([c for c in near if c not in spec.choices]))
-    if spec.kind == "choice_list":
-        names = st.sampled_from(spec.choices)
-        empty = [] if spec.optional else [st.none(), st.just([]), st.just("[]")]  # [] may be allowed
-        return st.one_of(*empty, st.floats(), st.booleans(), st.integers(),
+                         st.text(max_size=8).filter(lambda s: s not in choices),
+                         st.sampled_from([c for c in near if c not in choices]))
+    if spec.kind == "model_list":
+        names = st.sampled_from(LIST_MODELS[_name(path)])
+        models = list_models()
+        return st.one_of(st.floats(), st.booleans(), st.integers(),
                          names,  # one name, not a list of one
                          st.lists(names, min_size=1, max_size=3).map(lambda v: v + v[:1]),  # a repeat
-                         st.lists(st.one_of(names, st.text(max_size=5).filter(lambda s: s not in spec.choices),
+                         st.lists(st.one_of(names, st.text(max_size=5).filter(lambda s: s not in models),
                                             st.integers(), st.none()), min_size=1, max_size=3).filter(
-                             lambda v: any(x not in spec.choices for x in v)),
+                             lambda v: any(x not in models for x in v)),
                          st.dictionaries(names, names, min_size=1, max_size=2))
     if spec.kind == "bool":
         return st.one_of(common, st.integers(), st.sampled_from(["yes", "no", "on", "1", "0", "", "truex"]),
@@ -770,14 +796,14 @@ def _wrong_other(spec: Spec) -> st.SearchStrategy[Any]:
 @given(data=st.data(), path=st.sampled_from(OTHER_PATHS))
 def test_validate_other_kinds_round_trip(data, path):
     spec = PATHS[path]
-    value = data.draw(_valid_other(spec), label="value")
+    value = data.draw(_valid_other(spec, path), label="value")
     params, message = _validate(_with(path, value))
     if message is not None:  # only a cross-key rule may reject a valid value
         assert spec.describe() not in message, message
         _assert_names_key(message, _name(path))
         return
     _assert_valid_value(spec, _get(params, path), value)
-    if spec.kind in ("choice", "str", "column") or (spec.kind == "choice_list" and isinstance(value, list)):
+    if spec.kind in ("choice", "model", "str", "column") or (spec.kind == "model_list" and isinstance(value, list)):
         assert _get(params, path) == value
     _assert_only_changed(params, path)
     # written to params.yaml (as `dvc exp run -S` or a person does) and read back
@@ -788,7 +814,7 @@ def test_validate_other_kinds_round_trip(data, path):
 @given(data=st.data(), path=st.sampled_from(OTHER_PATHS))
 def test_validate_other_kinds_reject_wrong_types(data, path):
     spec = PATHS[path]
-    value = data.draw(_wrong_other(spec), label="value")
+    value = data.draw(_wrong_other(spec, path), label="value")
     _assert_rejected_as_wrong(path, value)
 
 
@@ -798,13 +824,31 @@ def test_validate_rejects_a_model_that_always_trains_in_the_lists(path, value):
     _assert_rejected_as_wrong(path, value)
 
 
+def _model_names(value: Any) -> list | None:
+    """The list of distinct model names that a `models` or `fused` value is, or None if it is none."""
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except Exception:  # noqa: BLE001
+            return None
+    value = [] if value is None else value
+    if isinstance(value, list) and len(set(map(str, value))) == len(value) and all(v in list_models() for v in value):
+        return value
+    return None
+
+
 def _assert_rejected_as_wrong(path: Path_, value: Any) -> None:
     spec = PATHS[path]
     params, message = _validate(_with(path, value))
     assert message is not None, (path, value, params and _get(params, path))
-    core = [m for m in CORE_MODELS if spec.kind == "choice_list" and isinstance(value, list) and m in value]
-    if core:  # a model that always trains: the message says so, naming its stage
-        assert f"'{_name(path)}' lists" in message and f"train_{core[0]}" in message, message
+    names = _model_names(value) if spec.kind == "model_list" else None
+    wrong = sorted(m for m in names or [] if m not in LIST_MODELS[_name(path)])
+    if wrong:  # real model names, in the wrong list: the message names the first (models are checked by name)
+        assert f"'{_name(path)}' lists {wrong[0]!r}" in message, message
+        if wrong[0] in CORE_MODELS:  # a model that always trains: the message says so, naming its stage
+            assert f"train_{wrong[0]}" in message, message
+        else:
+            assert "belongs in" in message, message
         return
     assert f"'{_name(path)}' must be {spec.describe()}" in message, message
 
@@ -821,7 +865,7 @@ _NOT_A_KEY = st.one_of(st.text(max_size=10), st.integers(), st.none(), st.boolea
 @example(section=("neumf",), key="layers", value=[16, 8])  # NeuMF's old fields
 @example(section=_leaf("lr")[:-1], key="LR", value=0.1)
 def test_validate_names_unknown_keys(section, key, value):
-    keys = SPECS if not section else PATHS[section].fields
+    keys = ALL_SPECS if not section else PATHS[section].fields
     if key in keys:
         return
     params, message = _validate(_with(section + (key,), value))
@@ -900,7 +944,7 @@ def test_complement_sampler_never_returns_an_excluded_item(case, seed, per_user,
 def _ratings_error(tmp_path: Path, data: bytes) -> str:
     path = _write(tmp_path, "u.data", data)
     with pytest.raises(PipelineError) as info:
-        read_ratings(path)
+        read_interactions(path, DATASETS["ml-100k"].ratings_table)  # how build_matrix reads a u.data
     message = str(info.value)
     assert message.startswith(str(path)), message
     return message[len(str(path)):]

@@ -6,10 +6,14 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from pipeline.common import PipelineError
+from pipeline.common import PipelineError, pick_device
 from pipeline.data import Candidates
-from pipeline.models import MLP, NeuMF, GMF, load_model, pick_device
-from pipeline.training import FitConfig, NegativeSampler, fit, fit_and_refit, seeded_generator
+from pipeline.models import load_model
+from pipeline.models.gmf import GMF
+from pipeline.models.mlp import MLP
+from pipeline.models.neumf import NeuMF
+from pipeline.sampling import ComplementSampler
+from pipeline.training import FitConfig, fit, fit_and_refit, seeded_generator
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="PyTorch sees no CUDA device on this machine")
@@ -35,9 +39,9 @@ def test_cuda_without_cuda_is_refused_naming_the_param() -> None:
 def test_negatives_are_drawn_on_the_gpu_from_the_complement() -> None:
     train, _ = small_problem()
     device = torch.device("cuda")
-    sampler = NegativeSampler(train, device)
+    sampler = ComplementSampler(train, device)
     users = torch.arange(40, device=device).repeat_interleave(50)
-    items = sampler.sample(users, 3, seeded_generator(0, 2, device))
+    items = sampler.draw(users, 3, seeded_generator(0, 2, device))
     assert items.device.type == "cuda"
     dense = torch.as_tensor(train.toarray() > 0, device=device)
     assert not dense[users[:, None].expand_as(items), items].any()

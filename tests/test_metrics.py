@@ -11,7 +11,9 @@ import scipy.sparse as sp
 import torch
 
 from pipeline.metrics import full_ranks, heldout_rank, hit_ratio, hit_ratio_curve, mrr, ndcg
-from pipeline.models import MF, MLP, ItemPop
+from pipeline.models.itempop import ItemPop
+from pipeline.models.mf import MF
+from pipeline.models.mlp import MLP
 
 
 # --- heldout_rank -------------------------------------------------------------------------------

@@ -10,9 +10,15 @@ import torch
 
 from pipeline.common import PipelineError
 from pipeline.metrics import heldout_rank
-from pipeline.models import (EASE, GMF, MAX_EASE_ITEMS, MF, MLP, MODEL_CLASSES, REGISTRY, ItemPop, NeuMF, PairScorer,
-                             load_model, load_state)
-from pipeline.sasrec import SASRec
+from pipeline.models import get, label, list_models, load_model, load_state
+from pipeline.models._neural import PairScorer
+from pipeline.models.ease import EASE, MAX_EASE_ITEMS, weights_for
+from pipeline.models.gmf import GMF
+from pipeline.models.itempop import ItemPop
+from pipeline.models.mf import MF
+from pipeline.models.mlp import MLP
+from pipeline.models.neumf import NeuMF
+from pipeline.models.sasrec import SASRec
 
 N_USERS, N_ITEMS = 7, 11
 
@@ -177,7 +183,7 @@ def test_from_state_dict_rejects_non_tensors():
 # --- GMF, MF, NeuMF: construction and a random model of each kind ---------------------------------
 
 def make_model(name: str, seed: int = 0, dropout: float = 0.0) -> PairScorer:
-    """A model of MODEL_CLASSES[name] with every parameter drawn at random (biases included), so
+    """A model of get(name) with every parameter drawn at random (biases included), so
     that every part of its formula moves the scores."""
     torch.manual_seed(seed)
     if name == "mlp":
@@ -194,12 +200,13 @@ def make_model(name: str, seed: int = 0, dropout: float = 0.0) -> PairScorer:
     return model
 
 
-NEURAL = sorted(name for name, cls in MODEL_CLASSES.items() if issubclass(cls, PairScorer))  # gmf, mf, mlp, neumf
+NEURAL = sorted(name for name in list_models() if issubclass(get(name), PairScorer))  # gmf, mf, mlp, neumf
 NAMED = {MLP: "an MLP", GMF: "a GMF", MF: "an MF", NeuMF: "a NeuMF"}  # as the error messages say them
 
 
-def test_model_classes_are_the_five_neural_models():
-    assert MODEL_CLASSES == {"mlp": MLP, "gmf": GMF, "mf": MF, "neumf": NeuMF, "sasrec": SASRec}
+def test_the_neural_models_are_the_five_trained_by_the_loop():
+    assert {n: get(n) for n in list_models() if get(n).neural} == {"mlp": MLP, "gmf": GMF, "mf": MF, "neumf": NeuMF,
+                                                                 "sasrec": SASRec}
     assert NEURAL == ["gmf", "mf", "mlp", "neumf"]  # the pair scorers; SASRec's own tests: test_sasrec.py
 
 
@@ -254,7 +261,7 @@ def test_from_state_dict_round_trip_through_torch_save(name, tmp_path):
     path = tmp_path / f"{name}.pt"
     torch.save(model.state_dict(), path)
     state = torch.load(path, weights_only=True)
-    rebuilt = MODEL_CLASSES[name].from_state_dict(state)
+    rebuilt = get(name).from_state_dict(state)
     assert type(rebuilt) is type(model) and rebuilt.training is False
     assert rebuilt.n_items == N_ITEMS
     assert rebuilt.state_dict().keys() == model.state_dict().keys()
@@ -280,14 +287,14 @@ def test_load_model_reads_a_saved_checkpoint(name, tmp_path):
 
 @pytest.mark.parametrize("name, other", [(a, b) for a in NEURAL for b in NEURAL if a != b])
 def test_another_models_state_dict_is_rejected(name, other):
-    cls = MODEL_CLASSES[name]
+    cls = get(name)
     with pytest.raises(ValueError, match=f"not {NAMED[cls]} state_dict"):
         cls.from_state_dict(make_model(other).state_dict())
 
 
 @pytest.mark.parametrize("name", ["gmf", "mf", "neumf"])
 def test_from_state_dict_missing_or_misshapen_tensor_raises_value_error(name):
-    cls = MODEL_CLASSES[name]
+    cls = get(name)
     good = make_model(name).state_dict()
     for key in good:
         state = dict(good)
@@ -364,7 +371,7 @@ def dense_history(seed: int = 0) -> sp.csr_matrix:
 def every_model() -> dict:
     train = dense_history()
     models = {name: make_model(name, dropout=0.3 if name in ("mlp", "neumf") else 0.0) for name in NEURAL}
-    models["ease"] = EASE(EASE.weights_for(train, 2.0), train)
+    models["ease"] = EASE(weights_for(train, 2.0), train)
     models["itempop"] = ItemPop(np.bincount(train.indices, minlength=N_ITEMS))
     return models
 
@@ -417,7 +424,7 @@ def ease_by_hand(x: np.ndarray, lam: float) -> np.ndarray:
 @pytest.mark.parametrize("lam", [0.5, 3.0, 300.0])
 def test_ease_fit_matches_the_closed_form(lam):
     x = dense_history(seed=4).toarray().astype(np.float64)
-    weights = EASE.weights_for(sp.csr_matrix(x), lam)
+    weights = weights_for(sp.csr_matrix(x), lam)
     assert weights.dtype == torch.float32 and weights.shape == (N_ITEMS, N_ITEMS)
     expected = ease_by_hand(x, lam)
     np.testing.assert_allclose(weights.numpy(), expected, rtol=1e-5, atol=1e-6)
@@ -428,7 +435,7 @@ def test_ease_fit_matches_the_closed_form(lam):
 def test_ease_scores_are_history_times_weights():
     train = dense_history(seed=5)
     x = train.toarray().astype(np.float64)
-    model = EASE(EASE.weights_for(train, 1.5), train)
+    model = EASE(weights_for(train, 1.5), train)
     assert model.n_items == N_ITEMS
     expected = x @ ease_by_hand(x, 1.5)
     users = np.array([4, 0, 2, 4])
@@ -444,11 +451,11 @@ def test_ease_fit_returns_the_checkpoint_for_its_section():
     train = dense_history(seed=4)
     state = EASE.fit(train, {"lambda": 3.0})
     assert set(state) == {"weights"}
-    assert torch.equal(state["weights"], EASE.weights_for(train, 3.0))
+    assert torch.equal(state["weights"], weights_for(train, 3.0))
 
 
 def test_ease_refuses_too_many_items(monkeypatch):
-    monkeypatch.setattr("pipeline.models.MAX_EASE_ITEMS", N_ITEMS - 1)
+    monkeypatch.setattr("pipeline.models.ease.MAX_EASE_ITEMS", N_ITEMS - 1)
     with pytest.raises(PipelineError, match=f"ease: {N_ITEMS} items.*GiB in float32.*Remove ease from 'models'"):
         EASE.fit(dense_history(), {"lambda": 1.0})
     assert MAX_EASE_ITEMS == 40_000  # ml-20m's 26,744 items fit (2.9 GB in float32)
@@ -456,9 +463,9 @@ def test_ease_refuses_too_many_items(monkeypatch):
 
 def test_ease_float32_above_the_exact_limit_gives_the_same_ranks(monkeypatch):
     train = dense_history(seed=5)
-    exact = EASE.weights_for(train, 2.0)
-    monkeypatch.setattr("pipeline.models.EXACT_EASE_ITEMS", N_ITEMS - 1)  # this matrix now goes float32
-    single = EASE.weights_for(train, 2.0)
+    exact = weights_for(train, 2.0)
+    monkeypatch.setattr("pipeline.models.ease.EXACT_EASE_ITEMS", N_ITEMS - 1)  # this matrix now goes float32
+    single = weights_for(train, 2.0)
     torch.testing.assert_close(single, exact, rtol=1e-4, atol=1e-5)
     users = np.arange(train.shape[0])
     torch.testing.assert_close(EASE(single, train).score_all(users), EASE(exact, train).score_all(users),
@@ -466,7 +473,7 @@ def test_ease_float32_above_the_exact_limit_gives_the_same_ranks(monkeypatch):
 
 
 def test_gram_matrix_in_chunks_equals_the_sparse_product():
-    from pipeline.models import gram_matrix
+    from pipeline.models.ease import gram_matrix
     train = dense_history(seed=6)
     expected = (train.T @ train).toarray()
     for max_entries in (1, 7, 1 << 26):
@@ -477,7 +484,7 @@ def test_gram_matrix_in_chunks_equals_the_sparse_product():
 def test_ease_score_gathers_the_same_scores_as_score_all():
     rng = np.random.default_rng(3)
     train = dense_history(seed=7)
-    model = EASE(EASE.weights_for(train, 2.0), train)
+    model = EASE(weights_for(train, 2.0), train)
     users = rng.permutation(train.shape[0])
     items = rng.integers(0, train.shape[1], size=(len(users), 5))
     expected = np.take_along_axis(model.score_all(users).numpy(), items, axis=1)
@@ -487,7 +494,7 @@ def test_ease_score_gathers_the_same_scores_as_score_all():
 
 
 def test_chunk_bounds_cover_everything_once_within_budget():
-    from pipeline.models import chunk_bounds
+    from pipeline.models.ease import chunk_bounds
     rng = np.random.default_rng(0)
     for budget in (1, 5, 50):
         costs = rng.integers(0, 12, size=40)
@@ -501,15 +508,25 @@ def test_chunk_bounds_cover_everything_once_within_budget():
 
 # --- the registry: every model built, saved and rebuilt the way the stages do it ------------------
 
+LABELS = {"itempop": "ItemPop", "mlp": "MLP", "gmf": "GMF", "mf": "MF", "ease": "EASE", "neumf": "NeuMF",
+          "sasrec": "SASRec"}
+
+
 def test_registry_holds_exactly_the_seven_models():
-    from pipeline.params import LABELS, MODEL_NAMES
-    assert REGISTRY == {"itempop": ItemPop, "mlp": MLP, "gmf": GMF, "mf": MF, "ease": EASE, "neumf": NeuMF,
-                        "sasrec": SASRec}
-    assert set(REGISTRY) == set(MODEL_NAMES)
-    assert MODEL_CLASSES == {name: cls for name, cls in REGISTRY.items() if cls.neural}
-    for name, cls in REGISTRY.items():
-        assert cls.label == LABELS[name]
+    assert list_models() == ["ease", "gmf", "itempop", "mf", "mlp", "neumf", "sasrec"]
+    assert {n: get(n) for n in list_models()} == {"itempop": ItemPop, "mlp": MLP, "gmf": GMF, "mf": MF, "ease": EASE,
+                                                  "neumf": NeuMF, "sasrec": SASRec}
+    with pytest.raises(PipelineError, match="no model 'bpr'"):
+        get("bpr")
+    assert label("bpr") == "bpr"  # an older run's model, whose module is gone
+    for name in list_models():
+        cls = get(name)
+        assert cls.label == LABELS[name] == label(name)
         assert cls.neural is (name in ("mlp", "gmf", "mf", "neumf", "sasrec"))
+        assert cls.always_trained is (name in ("itempop", "mlp"))
+        assert cls.baseline is (name == "itempop")
+        assert cls.top_level is (name == "mlp")
+        assert cls.fused_from == (("gmf", "mlp") if name == "neumf" else ())
         assert callable(cls.from_state)
         assert callable(getattr(cls, "fit" if not cls.neural else "from_params"))
 
@@ -526,7 +543,7 @@ SECTIONS = {  # what params.model_section gives each model (the loop's knobs do 
 
 def build_from_registry(name: str, train: sp.csr_matrix) -> tuple[object, dict]:
     """(a model, its checkpoint's state) for `name`, built as pipeline.train builds it."""
-    cls = REGISTRY[name]
+    cls = get(name)
     torch.manual_seed(5)
     if name == "neumf":
         gmf = GMF.from_params(N_USERS, N_ITEMS, SECTIONS["gmf"])
@@ -544,11 +561,11 @@ def build_from_registry(name: str, train: sp.csr_matrix) -> tuple[object, dict]:
     return model, model.state_dict()
 
 
-@pytest.mark.parametrize("name", sorted(set(REGISTRY) - {"sasrec"}))  # SASRec reads a History: test_sasrec.py
+@pytest.mark.parametrize("name", sorted(set(list_models()) - {"sasrec"}))  # SASRec reads a History: test_sasrec.py
 def test_every_model_round_trips_through_from_state(name, tmp_path):
     train = dense_history(seed=7)
     model, state = build_from_registry(name, train)
-    assert type(model) is REGISTRY[name]
+    assert type(model) is get(name)
     if name == "mlp":
         assert [layer.out_features for layer in model.tower] == [8, 4] and model.dropout == 0.2
     if name in ("gmf", "mf"):
@@ -559,9 +576,9 @@ def test_every_model_round_trips_through_from_state(name, tmp_path):
     torch.save(state, path)
     loaded = load_state(name, path)
     assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
-    rebuilt = REGISTRY[name].from_state(loaded, train)
+    rebuilt = get(name).from_state(loaded, train)
     assert type(rebuilt) is type(model) and rebuilt.n_items == N_ITEMS
-    if REGISTRY[name].neural:
+    if get(name).neural:
         assert rebuilt.training is False
     users, items = candidate_grid(6, 5, seed=3)
     scores = rebuilt.score(users, items)
@@ -642,7 +659,7 @@ def test_neumf_score_all_equals_forward_on_every_pair(layers, max_elements):
 
 @pytest.mark.parametrize("name", ["gmf", "mf"])
 def test_factor_models_score_all_equals_forward_on_every_pair(name):
-    model = randomised(REGISTRY[name](N_USERS, N_ITEMS, 6), seed=2)
+    model = randomised(get(name)(N_USERS, N_ITEMS, 6), seed=2)
     expected = forward_on_every_pair(model, USERS_TWICE)
     assert expected.std() > 0.1
     torch.testing.assert_close(model.score_all(USERS_TWICE), expected, rtol=1e-5, atol=1e-5)
@@ -664,6 +681,6 @@ def test_mlp_dropout_draws_from_its_generator():
     # inverted dropout: each kept activation is scaled by 1 / (1 - p), so the mean is unchanged
     x = torch.ones(200_000)
     model.train().dropout_generator = torch.Generator().manual_seed(0)
-    dropped = model._drop(x)
+    dropped = model.drop(x, model.dropout)
     assert set(dropped.unique().tolist()) == {0.0, 2.0}
     assert abs(dropped.mean().item() - 1.0) < 0.01

@@ -8,9 +8,13 @@ import yaml
 
 from conftest import REPO
 from pipeline.common import PipelineError
-from pipeline.params import LABELS, MODEL_NAMES, SPECS, load_params, model_section, trained_models, validate
+from pipeline.models import get as get_model, label, list_models
+from pipeline.params import SPECS, load_params, model_section, trained_models, validate
 
 REPO_PARAMS = REPO / "params.yaml"
+MLP_KEYS = tuple(get_model("mlp").params)  # the MLP's knobs: top-level keys
+SECTIONS = ("gmf", "mf", "ease", "sasrec", "neumf")  # the models with a section in params.yaml
+ALL_KEYS = (*SPECS, *MLP_KEYS, *SECTIONS)  # every top-level key of params.yaml
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +40,8 @@ def pick(params: dict, key: str):
 
 def test_repository_params_validate(base):
     params = load_params(REPO_PARAMS)
-    assert set(params) == set(SPECS)
+    assert set(params) == set(ALL_KEYS) == set(base)
+    assert set(MLP_KEYS) == {"layers", "dropout", "lr", "weight_decay", "epochs", "batch_size", "negatives"}
     assert params == validate(base)
     assert isinstance(params["lr"], float) and isinstance(params["seed"], int)
     assert isinstance(params["gmf"]["lr"], float) and isinstance(params["candidate_seed"], int)
@@ -186,7 +191,7 @@ def test_unknown_key(base):
     assert "unknown" in str(info.value)
 
 
-@pytest.mark.parametrize("key", sorted(SPECS))
+@pytest.mark.parametrize("key", sorted(ALL_KEYS))
 def test_missing_key(base, key):
     raw = with_(base)
     del raw[key]
@@ -351,8 +356,9 @@ def test_model_section(base):
 
 
 def test_every_model_has_a_label():
-    assert set(LABELS) == set(MODEL_NAMES) == {"itempop", "mlp", "gmf", "mf", "ease", "neumf", "sasrec"}
-    assert LABELS["mlp"] == "MLP" and LABELS["neumf"] == "NeuMF" and LABELS["itempop"] == "ItemPop"
+    assert set(list_models()) == {"itempop", "mlp", "gmf", "mf", "ease", "neumf", "sasrec"}
+    assert all(isinstance(label(name), str) and label(name) for name in list_models())
+    assert label("mlp") == "MLP" and label("neumf") == "NeuMF" and label("itempop") == "ItemPop"
 
 
 @pytest.mark.parametrize("old, says", [

@@ -8,8 +8,9 @@ import torch
 
 from pipeline.data import History, Split
 from pipeline.metrics import heldout_rank, hit_ratio
-from pipeline.models import MF, REGISTRY
-from pipeline.sasrec import SASRec, last_items
+from pipeline.models import get
+from pipeline.models.mf import MF
+from pipeline.models.sasrec import SASRec, last_items
 from pipeline.training import FitConfig, fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -155,7 +156,7 @@ def test_sasrec_trains_with_the_papers_loss_too_and_is_seeded() -> None:
 
 
 def test_sasrec_is_in_the_registry_and_round_trips() -> None:
-    assert REGISTRY["sasrec"] is SASRec
+    assert get("sasrec") is SASRec
     model = random_model()
     history = history_of([[1, 2, 3], [4, 5], [6]], n_items=20)
     back = SASRec.from_state({k: v.clone() for k, v in model.state_dict().items()}, history)

@@ -5,9 +5,25 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.build_matrix import build, leave_one_out, read_ratings, tie_break_key
+from pipeline.build_matrix import build, chronological_order, latest_two, tie_break_key
 from pipeline.common import PipelineError
 from pipeline.datasets import DATASETS, read_interactions, read_titles
+
+
+def read_ratings(path):
+    """An ml-100k u.data file, as build_matrix reads it."""
+    return read_interactions(path, DATASETS["ml-100k"].ratings_table)
+
+
+def leave_one_out(users, timestamps, tie_break):
+    """(val_mask, test_mask) in the rows' own order, from the two steps `build` takes."""
+    order = chronological_order(users, timestamps, tie_break)
+    val_sorted, test_sorted = latest_two(np.asarray(users)[order])
+    val_mask = np.zeros(len(order), dtype=bool)
+    test_mask = np.zeros(len(order), dtype=bool)
+    val_mask[order] = val_sorted
+    test_mask[order] = test_sorted
+    return val_mask, test_mask
 
 
 def ratings_frame(rows: list[tuple[int, int, int, int]]) -> pd.DataFrame:
@@ -237,7 +253,7 @@ def test_result_does_not_depend_on_row_order(seed):
         pd.testing.assert_frame_equal(items_a, items_b)
 
 
-# --- leave_one_out and tie_break_key directly ----------------------------------------------------
+# --- chronological_order + latest_two (the split of `build`), tie_break_key directly -------------
 
 def test_leave_one_out_masks():
     users = np.array([1, 0, 0, 1, 0, 1, 1, 2, 2])

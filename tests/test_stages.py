@@ -77,14 +77,27 @@ EVALUATE_ARGS = ("data/prepared", "data/candidates", "data/models", "metrics/tes
                  "metrics/hr_at_k", "data/ranks.npz")
 
 
-@pytest.mark.parametrize("key, value", [("lr", "fast"), ("layers", [63, 8]), ("neumf.layers", [16, 8]),
-                                        ("topK", 500), ("typo_key", 1), ("candidate_seed", -1), ("models", ["mlp"]),
-                                        ("refit", "sometimes")])
-def test_bad_params_stop_the_stage_naming_the_key(prepared: Path, key: str, value) -> None:
+# A stage checks the keys it reads: the data stages no model's knobs, a train stage its own model's,
+# evaluate every key (so it alone reports an unknown one). Each: (command, the output it must not write).
+CHECKED_BY = {
+    "sample_negatives": (("sample_negatives", "data/prepared", "data/candidates"), "data/candidates"),
+    "train_mlp": (("train", "mlp", *TRAIN_ARGS), "data/models"),
+    "fuse@neumf": (("train", "neumf", *TRAIN_ARGS), "data/models"),
+    "evaluate": (("evaluate", *EVALUATE_ARGS), "metrics"),
+}
+
+
+@pytest.mark.parametrize("key, value, checker", [
+    ("lr", "fast", "train_mlp"), ("layers", [63, 8], "train_mlp"), ("neumf.layers", [16, 8], "fuse@neumf"),
+    ("topK", 500, "sample_negatives"), ("typo_key", 1, "evaluate"), ("candidate_seed", -1, "sample_negatives"),
+    ("models", ["mlp"], "train_mlp"), ("refit", "sometimes", "sample_negatives")])
+def test_bad_params_stop_the_stage_naming_the_key(prepared: Path, key: str, value, checker: str) -> None:
     set_params(prepared, **{key: value})
-    err = user_error(stage("sample_negatives", "data/prepared", "data/candidates", cwd=prepared))
+    command, output = CHECKED_BY[checker]
+    err = user_error(stage(*command, cwd=prepared))
     assert f"'{key}'" in err and "params.yaml" in err
-    assert not (prepared / "data/candidates").exists()
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (prepared / output).exists() and not (prepared / "data/candidates").exists()
 
 
 def test_evaluate_rejects_a_file_that_is_not_a_checkpoint(prepared: Path) -> None:
@@ -135,7 +148,7 @@ def test_ease_saves_its_item_weights(prepared: Path) -> None:
     from pipeline.data import load_split
     assert stage("sample_negatives", "data/prepared", "data/candidates", cwd=prepared).returncode == 0
     train("ease", prepared)
-    from pipeline.models import EASE
+    from pipeline.models.ease import weights_for
     state = torch.load(prepared / "data/models/ease.pt", weights_only=True)
     train_only = torch.load(prepared / "data/models/ease.trainonly.pt", weights_only=True)
     split = load_split(prepared / "data/prepared")
@@ -143,15 +156,16 @@ def test_ease_saves_its_item_weights(prepared: Path) -> None:
     assert set(state) == {"weights"} and state["weights"].shape == (n_items, n_items)
     assert torch.all(state["weights"].diagonal() == 0)
     lam = 200.0  # the repository's ease.lambda
-    assert torch.equal(train_only["weights"], EASE.weights_for(split.train, lam))
-    assert torch.equal(state["weights"], EASE.weights_for(split.train_and_val(), lam))  # refit: on
+    assert torch.equal(train_only["weights"], weights_for(split.train, lam))
+    assert torch.equal(state["weights"], weights_for(split.train_and_val(), lam))  # refit: on
 
 
 def test_mlp_stage_then_evaluate(prepared: Path) -> None:
     """train_mlp and train_itempop as dvc.yaml runs them, then evaluate: every output, consistent."""
     from pipeline.data import load_candidates, load_split
-    from pipeline.models import MLP
+    from pipeline.models import get as get_model
     from pipeline.training import evaluate_ranking
+    MLP = get_model("mlp")
     set_models(prepared, ["itempop", "mlp"])
     set_params(prepared, epochs=3, layers=[16, 8], batch_size=256)
     assert stage("sample_negatives", "data/prepared", "data/candidates", cwd=prepared).returncode == 0
@@ -222,7 +236,8 @@ def test_full_rank_users_samples_the_full_ranking_exactly(prepared: Path) -> Non
     restricted to the sample, named in test.json, with wider intervals; compare refuses to mix them."""
     from pipeline.compare import Run, compare
     from pipeline.evaluate import UNRANKED
-    from pipeline.stats import per_user, interval
+    from pipeline.metrics import per_user
+    from pipeline.stats import interval
     set_models(prepared, ["itempop", "mlp"])
     set_params(prepared, epochs=2, layers=[16, 8], batch_size=256)
     assert stage("sample_negatives", "data/prepared", "data/candidates", cwd=prepared).returncode == 0
@@ -259,7 +274,8 @@ def test_full_rank_users_samples_the_full_ranking_exactly(prepared: Path) -> Non
         assert some[model]["full"]["ndcg"] == round(float(expected["ndcg"].mean()), 6)
         assert some[model]["hr"] == every[model]["hr"]  # the sampled protocol still scores everyone
         width = lambda bars, metric: bars["models"][model]["full"][metric]["hi"] - bars["models"][model]["full"][metric]["lo"]  # noqa: E731
-        assert round(width(some_bars, "mrr"), 5) == round(2 * (interval(expected["mrr"]).half_width), 5)
+        estimate = interval(expected["mrr"])
+        assert round(width(some_bars, "mrr"), 5) == round(2 * ((estimate.hi - estimate.lo) / 2), 5)
         assert width(some_bars, "mrr") > width(every_bars, "mrr")
 
     def run(ranks: dict, name: str) -> Run:

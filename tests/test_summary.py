@@ -13,8 +13,12 @@ import pytest
 
 from conftest import stage, user_error
 from pipeline.evaluate import intervals, point_metrics
-from pipeline.params import LABELS, MODEL_NAMES
+from pipeline.models import label, list_models
 from pipeline.summary import terminal_table
+
+# Every model, in the order the stages run them (the always trained, then `models`, then `fused`).
+MODEL_NAMES = ("itempop", "mlp", "gmf", "mf", "ease", "sasrec", "neumf")
+assert set(MODEL_NAMES) == set(list_models())
 
 CELL = re.compile(r"(\d+\.\d{3}) ± (\d+\.\d{3})")
 
@@ -40,10 +44,10 @@ def test_terminal_table_fits_100_columns_and_shows_test_json(n_users, k):
     assert lines[0].split() == ["model", f"HR@{k}", f"NDCG@{k}", "full", f"HR@{k}", "full", f"NDCG@{k}"]
     assert set(lines[1]) == {"-"}
     rows = {line.split()[0]: line for line in lines[2:2 + len(MODEL_NAMES)]}
-    assert list(rows) == [LABELS[name] for name in MODEL_NAMES]
+    assert list(rows) == [label(name) for name in MODEL_NAMES]
     for name in MODEL_NAMES:
-        cells = CELL.findall(rows[LABELS[name]])
-        assert len(cells) == 4, rows[LABELS[name]]
+        cells = CELL.findall(rows[label(name)])
+        assert len(cells) == 4, rows[label(name)]
         point = metrics[name]
         expected = [point["hr"], point["ndcg"], point["full"]["hr"], point["full"]["ndcg"]]
         assert [float(mean) for mean, _ in cells] == [float(f"{v:.3f}") for v in expected]
@@ -55,7 +59,7 @@ def test_terminal_table_fits_100_columns_and_shows_test_json(n_users, k):
             assert all(v > 0 for v in half), half
     assert f"{n_users:,} test users" in text
     best = bars["best"]
-    assert f"Best by HR@{k}: {LABELS[best['sampled']]} (sampled candidates), {LABELS[best['full']]} (full ranking)." \
+    assert f"Best by HR@{k}: {label(best['sampled'])} (sampled candidates), {label(best['full'])} (full ranking)." \
         in text
 
 

@@ -18,11 +18,17 @@ import scipy.sparse as sp
 import torch
 
 import pipeline.training as training
-from pipeline.common import PipelineError
+from pipeline.common import PipelineError, pick_device
 from pipeline.data import Candidates, Split
-from pipeline.models import EASE, GMF, MF, MLP, MODEL_CLASSES, NeuMF, pick_device
+from pipeline.models import get, list_models
+from pipeline.models.ease import weights_for
+from pipeline.models.gmf import GMF
+from pipeline.models.mf import MF
+from pipeline.models.mlp import MLP
+from pipeline.models.neumf import NeuMF
+from pipeline.sampling import ComplementSampler
 from pipeline.train import build, checkpoint_paths, save_checkpoint, train_closed_form, train_neural
-from pipeline.training import (CHUNK_PAIRS, EpochStats, FitConfig, NegativeSampler, curve_csv, epoch_chunks,
+from pipeline.training import (CHUNK_PAIRS, EpochStats, FitConfig, curve_csv, epoch_chunks,
                                evaluate_ranking, fit, fit_and_refit, make_optimizer, positives,
                                seeded_generator)
 
@@ -209,7 +215,7 @@ def test_every_neural_model_learns_the_planted_preference(name):
     assert [row.epoch for row in curve] == list(range(1, epochs + 1))
     assert_loss_falls(curve)
     assert curve[best_epoch - 1].val_hr == 1.0
-    kept = MODEL_CLASSES[name].from_state_dict(state)
+    kept = get(name).from_state_dict(state)
     assert_prefers_own_half(kept, test)
 
 
@@ -296,7 +302,7 @@ def one_epoch(train_csr: sp.csr_matrix, negatives: int, chunk_pairs: int, seed: 
 
     The generators are seeded alike whatever the chunk size; `burn_in` epochs are drawn first with a
     huge chunk size, so that the compared epoch starts from generator states other than the seed's."""
-    sampler = NegativeSampler(train_csr, CPU)
+    sampler = ComplementSampler(train_csr, CPU)
     pos_users, pos_items = positives(train_csr, CPU)
     order_gen, negative_gen = seeded_generator(seed, 3, CPU), seeded_generator(seed, 2, CPU)
     for _ in range(burn_in):
@@ -331,7 +337,7 @@ def test_an_epoch_pairs_every_interaction_with_fresh_negatives():
 
 def test_an_epoch_is_shuffled():
     train_csr, _, _ = planted_problem(20, 16)
-    sampler = NegativeSampler(train_csr, CPU)
+    sampler = ComplementSampler(train_csr, CPU)
     pos_users, pos_items = positives(train_csr, CPU)
     (users, _, labels), = epoch_chunks(pos_users, pos_items, sampler, 3, CHUNK_PAIRS, seeded_generator(0, 3, CPU),
                                        seeded_generator(0, 2, CPU))
@@ -364,9 +370,9 @@ def test_negatives_are_uniform_over_the_complement():
         [1, 1, 1, 1, 1, 1, 1, 1, 1, 0],  # one item left
         [0, 1, 0, 1, 0, 1, 0, 1, 0, 1],
     ], dtype=np.float32))
-    sampler = NegativeSampler(excluded, CPU)
+    sampler = ComplementSampler(excluded, CPU)
     users = torch.tensor([0, 1, 2, 3, 3])
-    draws = sampler.sample(users, 20_000, seeded_generator(0, 2, CPU))
+    draws = sampler.draw(users, 20_000, seeded_generator(0, 2, CPU))
     assert draws.shape == (5, 20_000) and draws.dtype == torch.int64
     dense = excluded.toarray()
     for row, user in enumerate(users.tolist()):
@@ -397,11 +403,11 @@ def test_negative_sampler_matches_an_epochs_frequencies():
 def test_negative_sampler_refuses_a_user_with_no_negative_item():
     excluded = sp.csr_matrix(np.array([[1, 0, 1], [1, 1, 1], [0, 0, 0], [1, 1, 1]], dtype=np.float32))
     with pytest.raises(PipelineError, match=r"user index 1 \(and 1 more\) interacted with every item"):
-        NegativeSampler(excluded, CPU)
-    NegativeSampler(excluded[[0, 2]], CPU)  # the others are fine
+        ComplementSampler(excluded, CPU)
+    ComplementSampler(excluded[[0, 2]], CPU)  # the others are fine
     # duplicates in the CSR count once
     dup = sp.csr_matrix((np.ones(3, np.float32), ([0, 0, 0], [1, 1, 0])), shape=(1, 3))
-    assert NegativeSampler(dup, CPU).sample(torch.tensor([0]), 50, seeded_generator(0, 2, CPU)).eq(2).all()
+    assert ComplementSampler(dup, CPU).draw(torch.tensor([0]), 50, seeded_generator(0, 2, CPU)).eq(2).all()
 
 
 def test_positives_lists_every_interaction():
@@ -609,6 +615,92 @@ def test_a_nan_in_the_validation_run_raises_and_stops_the_refit(refit_path):
                       REFIT_CFG, CPU, "mlp")
 
 
+# --- a failed refit ends the run: never a hang ---------------------------------------------------
+
+def failing(how: str):
+    """make_model for fit_and_refit whose refit model fails in its first training step, `how`."""
+    import os
+    import signal
+
+    def fail():
+        if how == "exception":
+            raise ValueError("a bug in the model")
+        if how == "interrupt":
+            raise KeyboardInterrupt
+        if how == "oom":  # a real allocation that cannot succeed: 2^46 floats
+            torch.empty(1 << 46, dtype=torch.float32)
+        if how == "sigkill":  # what the kernel's out-of-memory killer does to a process
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def make(refit: bool) -> MLP:
+        model = make_refit_model(refit)
+        if refit:
+            original = model.forward
+            model.forward = lambda users, items: fail() or original(users, items)
+        return model
+    return make
+
+
+def assert_fails_at_once(how: str, in_process: bool | None = None) -> None:
+    import time
+    train_csr, refit_on, val = refit_problem()
+    long_run = FitConfig(**{**vars(REFIT_CFG), "epochs": 5000})  # minutes, if the failure went unnoticed
+    start = time.perf_counter()
+    with pytest.raises(PipelineError) as info:
+        fit_and_refit(failing(how), train_csr, refit_on, val, long_run, CPU, "mlp", in_process=in_process)
+    assert time.perf_counter() - start < 30
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("mlp: the refit on train + validation failed (") and message.endswith(
+        "); no checkpoint was written"), message
+    expected = {"exception": "ValueError: a bug in the model", "interrupt": "KeyboardInterrupt",
+                "oom": "RuntimeError", "sigkill": "its process was killed by signal 9"}[how]
+    assert expected in message, message
+
+
+@pytest.mark.parametrize("how", ["exception", "interrupt", "oom"])
+def test_a_failed_refit_ends_the_run_at_once_with_one_line(refit_path, how):
+    assert_fails_at_once(how)
+
+
+def test_a_killed_refit_process_ends_the_run_at_once_with_one_line():
+    """SIGKILL, as the out-of-memory killer sends it (a thread cannot be killed alone: the process path)."""
+    assert_fails_at_once("sigkill", in_process=True)
+
+
+def test_the_refit_stage_fails_cleanly_and_writes_no_checkpoint(prepared):
+    """The train stage whose refit process is killed: exit 2, one line naming the model and the refit,
+    no checkpoint, within 30 seconds."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO, set_params, stage
+    set_params(prepared, epochs=3000, batch_size=64)  # long enough to notice a hang
+    assert stage("sample_negatives", "data/prepared", "data/candidates", cwd=prepared).returncode == 0
+    script = (  # the stage's own main, with a refit that dies as an out-of-memory kill would make it
+        "import os, signal, sys\n"
+        "import pipeline.training as training\n"
+        "real_fit = training.fit\n"
+        "def fit(model, train, val, *args, **kwargs):\n"
+        "    if val is None: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real_fit(model, train, val, *args, **kwargs)\n"
+        "training.fit = fit\n"
+        "from pipeline.common import run_stage\n"
+        "from pipeline.train import main\n"
+        "sys.argv = ['train', 'mlp', 'data/prepared', 'data/candidates', 'data/models', 'metrics/training']\n"
+        "run_stage(main)\n")
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", script], cwd=prepared, capture_output=True, text=True, timeout=60,
+                          env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert time.perf_counter() - start < 30
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: mlp: the refit on train + validation failed (its process was killed by signal 9: "
+                      "out of memory?); no checkpoint was written"], proc.stderr
+    assert not list((prepared / "data").glob("models/mlp*")) and not (prepared / "metrics/training/mlp.csv").exists()
+
+
 # --- dropout draws from the run's own generator ----------------------------------------------------
 
 def test_dropout_is_deterministic_whatever_the_global_generator():
@@ -655,7 +747,7 @@ def train_sources(split: Split, val: Candidates, params: dict, models_dir) -> No
 
 
 @pytest.mark.parametrize("refit", [True, False])
-@pytest.mark.parametrize("name", sorted(MODEL_CLASSES))
+@pytest.mark.parametrize("name", [name for name in list_models() if get(name).neural])
 def test_train_neural_equals_its_parts(name, refit, tmp_path):
     split, val = stage_split()
     params = stage_params(refit)
@@ -663,24 +755,24 @@ def test_train_neural_equals_its_parts(name, refit, tmp_path):
         train_sources(split, val, params, tmp_path)
     state, train_only, curve, best = train_neural(name, split, val, params, CPU, tmp_path)
     assert len(curve) == 3 and 1 <= best <= 3
-    model = MODEL_CLASSES[name].from_state(train_only, split.history(val=False))
+    model = get(name).from_state(train_only, split.history(val=False))
     assert evaluate_ranking(model, val, 1) == pytest.approx((curve[best - 1].val_hr, curve[best - 1].val_ndcg))
     section = params[name] if name != "mlp" else params
     cfg = FitConfig.from_section(section, params["seed"], params["topK"])
     # the validated run: a plain fit of the freshly built (train-only sources') model
-    chosen, plain_curve, plain_best = fit(build(name, 20, 16, params, tmp_path, False), split.history(val=False), val,
+    chosen, plain_curve, plain_best = fit(build(name, split, params, tmp_path, False), split.history(val=False), val,
                                           cfg)
     assert plain_best == best and all(torch.equal(train_only[k], chosen[k]) for k in chosen)
     if not refit:
         assert state is train_only
         return
     # the test-time model: a fit on train + validation for the chosen number of epochs, from the refitted sources
-    fresh = build(name, 20, 16, params, tmp_path, True)
+    fresh = build(name, split, params, tmp_path, True)
     if name == "neumf":
         gmf = GMF.from_state_dict(torch.load(tmp_path / "gmf.pt", weights_only=True))
         assert torch.equal(fresh.gmf.user_embedding.weight, gmf.user_embedding.weight)
         assert fresh.mlp.dropout == 0.2
-        other = build(name, 20, 16, params, tmp_path, False)
+        other = build(name, split, params, tmp_path, False)
         assert not torch.equal(other.gmf.user_embedding.weight, gmf.user_embedding.weight)
     expected, _, _ = fit(fresh, split.history(val=True), None, FitConfig(**{**vars(cfg), "epochs": best}))
     assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
@@ -707,8 +799,8 @@ def test_train_closed_form(refit):
     np.testing.assert_array_equal(state["counts"].numpy(), np.asarray(seen.sum(axis=0)).ravel())
     assert best == 1 and len(curve) == 1 and math.isnan(curve[0].loss)
     state, train_only, curve, best = train_closed_form("ease", split, val, params)
-    assert torch.equal(train_only["weights"], EASE.weights_for(split.train, 5.0))
-    assert torch.equal(state["weights"], EASE.weights_for(seen, 5.0))
+    assert torch.equal(train_only["weights"], weights_for(split.train, 5.0))
+    assert torch.equal(state["weights"], weights_for(seen, 5.0))
     assert best == 1 and math.isnan(curve[0].loss)
     assert curve[0].val_hr == 1.0  # EASE finds the planted groups too
     if refit:

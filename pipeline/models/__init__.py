@@ -68,10 +68,9 @@ class Model:
         raise NotImplementedError
 
     def objective(self, train: "History", cfg: Any, device: "torch.device") -> Any:
-        """What the shared loop optimises for this neural model (pipeline.training.Objective)."""
-        from pipeline.training import PairObjective  # here: the loop is not needed to score
-
-        return PairObjective(self, train, cfg, device)
+        """What the shared loop optimises for this neural model: an object with batches(generators),
+        an epoch's batches, and loss(batch) -> (summed loss, examples) (pipeline.training.PairObjective)."""
+        raise NotImplementedError(f"{self.label} is not trained by the shared loop")
 
     def use_history(self, history: "History") -> None:
         """Score users from these interactions from now on (validation: train; test: train + validation)."""

@@ -26,6 +26,12 @@ class PairScorer(nn.Module, Model):
             if isinstance(module, PairScorer):
                 module.dropout_generator = generator
 
+    def objective(self, train: History, cfg, device: torch.device):
+        """Binary cross-entropy on every train pair and sampled negatives (pipeline.training.PairObjective)."""
+        from pipeline.training import PairObjective  # here: scoring a model needs no training loop
+
+        return PairObjective(self, train, cfg, device)
+
     def drop(self, x: torch.Tensor, p: float) -> torch.Tensor:
         """Inverted dropout at rate p while training (drawn from the loop's generator); x as is otherwise."""
         if p > 0 and self.training:
