@@ -260,7 +260,7 @@ def validate(raw: Any, source: str = PARAMS_FILE, models: Iterable[str] | None =
 def _no_section(name: str, cls) -> str:
     """Why model `name` has no section: its knobs are top-level keys, or it has none."""
     if cls.top_level:
-        return f"the {cls.label}'s knobs are top-level keys: {', '.join(cls.params)} (dvc exp run -S lr=0.01)"
+        return f"the {cls.label}'s knobs are top-level keys: {', '.join(cls.params)} (dvc exp run -S KEY=VALUE)"
     return f"{cls.label} has no knobs" + (f"; it is always trained (stage train_{name})" if cls.always_trained else "")
 
 
