@@ -23,25 +23,35 @@ def heldout_rank(scores: np.ndarray) -> np.ndarray:
     return (scores.shape[1] - 1) - beaten
 
 
-def per_user(ranks: np.ndarray, k: int) -> dict[str, np.ndarray]:
-    """Per-user values whose means are HR@k, NDCG@k and MRR, from 0-based ranks (any shape).
+def hits(ranks: np.ndarray, k: int) -> np.ndarray:
+    """Per user: 1.0 when the held-out item ranks in the top k (0-based ranks), else 0.0."""
+    return (np.asarray(ranks, dtype=np.float64) < k).astype(np.float64)
 
-    A hit is 1 when the held-out item ranks in the top k; its gain is then 1/log2(rank + 2) (one
-    relevant item per user); its reciprocal rank is 1/(rank + 1), with no cut-off."""
+
+def gains(ranks: np.ndarray, k: int) -> np.ndarray:
+    """Per user: 1/log2(rank + 2) for a top-k hit, else 0 (one relevant item per user)."""
     ranks = np.asarray(ranks, dtype=np.float64)
-    hit = ranks < k
-    return {"hr": hit.astype(np.float64), "ndcg": np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0),
-            "mrr": 1.0 / (ranks + 1.0)}
+    return np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
+
+
+def reciprocal_ranks(ranks: np.ndarray) -> np.ndarray:
+    """Per user: 1/(rank + 1), with no cut-off."""
+    return 1.0 / (np.asarray(ranks, dtype=np.float64) + 1.0)
+
+
+def per_user(ranks: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """Per-user values whose means are HR@k, NDCG@k and MRR, from 0-based ranks (any shape)."""
+    return {"hr": hits(ranks, k), "ndcg": gains(ranks, k), "mrr": reciprocal_ranks(ranks)}
 
 
 def hit_ratio(ranks: np.ndarray, k: int) -> float:
     """Return HR@k: the fraction of users whose held-out item ranks in the top k."""
-    return float(np.mean(per_user(ranks, k)["hr"]))
+    return float(np.mean(hits(ranks, k)))
 
 
 def ndcg(ranks: np.ndarray, k: int) -> float:
     """Return NDCG@k for one relevant item per user: the mean gain over users."""
-    return float(np.mean(per_user(ranks, k)["ndcg"]))
+    return float(np.mean(gains(ranks, k)))
 
 
 def hit_ratio_curve(ranks: np.ndarray, max_k: int) -> np.ndarray:
@@ -52,7 +62,7 @@ def hit_ratio_curve(ranks: np.ndarray, max_k: int) -> np.ndarray:
 
 def mrr(ranks: np.ndarray) -> float:
     """Return the mean reciprocal rank, 1/(rank + 1), over all users (no cut-off)."""
-    return float(np.mean(per_user(ranks, 1)["mrr"]))
+    return float(np.mean(reciprocal_ranks(ranks)))
 
 
 def seen_cells(seen: sp.csr_matrix, users: np.ndarray) -> tuple["torch.Tensor", "torch.Tensor"]:

@@ -49,8 +49,10 @@ def build(name: str, split: Split, params: dict, models_dir: Path, refitted: boo
     if not cls.fused_from:
         return cls.from_params(split.n_users, split.n_items, section)
     history = split.history(val=refitted)
-    sources = [get_model(source).from_state(load_state(source, checkpoint_paths(models_dir, source)[0 if refitted else 1]),
-                                            history) for source in cls.fused_from]
+    sources = []
+    for source in cls.fused_from:
+        path = checkpoint_paths(models_dir, source)[0 if refitted else 1]
+        sources.append(get_model(source).from_state(load_state(source, path), history))
     return cls.from_sources(sources, section)
 
 
