@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.build_matrix import build  # noqa: E402
 from pipeline.data import Candidates  # noqa: E402
-from pipeline.evaluate import full_rank_sample  # noqa: E402
+from pipeline.metrics import full_rank_sample  # noqa: E402
 from pipeline.metrics import full_ranks, heldout_rank  # noqa: E402
 from pipeline.models.gmf import GMF  # noqa: E402
 from pipeline.models.mlp import MLP  # noqa: E402

@@ -2,14 +2,18 @@
 
     python -m pipeline.compare main lr01          # a branch and a DVC experiment (any two git revisions)
     python -m pipeline.compare main               # main against the workspace
-    python -m pipeline.compare main s1,s2,s3      # a side of several runs (e.g. seeds), pooled per user
+    python -m pipeline.compare a1,a2,a3 b1,b2,b3  # several runs a side (seeds), matched in order
 
 Each side's per-user ranks (data/ranks.npz, a cached output of `evaluate`) are read through DVC
 (`dvc.api.open`: from the local cache, or the default remote), never by checking out a tree. For
 every model present on both sides it prints HR@K and NDCG@K of each side, their difference B - A
-(the mean of per-user differences, pooled over the runs of a side), its 95% interval and the
-paired t-test's p-value, and a verdict. Both sides must score the same test users against the same
-candidates (same dataset, `candidate_seed` and `test_negatives`): otherwise it refuses in one line.
+(the mean of per-user differences), its 95% interval, a p-value and a verdict. One run a side: HR
+by the exact McNemar test, NDCG by the paired t-test, over users. Several runs a side (the same
+number): run i of A is matched with run i of B and the seeds are replicates, so the test counts how
+seeds vary as well as users (pipeline.stats.replicated), and each side's spread over its runs is
+shown. Within each protocol and metric the models' p-values are Holm-adjusted. Both sides must
+score the same test users against the same candidates (same dataset, `candidate_seed` and
+`test_negatives`): otherwise it refuses in one line.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ import numpy as np
 
 from pipeline.common import PipelineError, run_stage
 from pipeline.metrics import per_user
-from pipeline.stats import UNRANKED, paired, verdict
+from pipeline.stats import UNRANKED, Estimate, adjust, paired, replicated, verdict
 from pipeline.summary import PROTOCOL_NAMES, label
 
 log = logging.getLogger("compare")
@@ -97,55 +101,85 @@ def ranked(run: Run, model: str, protocol: str) -> np.ndarray:
     return run.ranks[model][protocol] != UNRANKED
 
 
-def pooled(side: list[Run], model: str, protocol: str, k: int, users: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-user HR, NDCG and MRR of a model for the `users` mask, averaged over the runs of a side."""
+def side_values(side: list[Run], model: str, protocol: str, k: int, users: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-user HR, NDCG and MRR of a model for the `users` mask: [runs, users] per metric."""
     values = [per_user(run.ranks[model][protocol][users], k) for run in side]
-    return {metric: np.mean([v[metric] for v in values], axis=0) for metric in values[0]}
+    return {metric: np.stack([v[metric] for v in values]) for metric in values[0]}
+
+
+def difference(va: np.ndarray, vb: np.ndarray, metric: str) -> Estimate:
+    """B - A for one model and metric ([runs, users] each): one run a side, a paired test over users
+    (exact McNemar for HR); several, `replicated` (seeds and users both vary)."""
+    if len(va) == 1:
+        return paired(vb[0], va[0], binary=metric == "hr")
+    return replicated(va, vb)
 
 
 def compare(a: list[Run], b: list[Run]) -> tuple[list[str], list[dict]]:
-    """Return (the models on both sides, one row per protocol, model and metric: A, B, the difference)."""
+    """Return (the models on both sides, one row per protocol, model and metric: A, B, the difference).
+
+    Each protocol and metric is a family (one comparison per model), Holm-adjusted."""
     check_comparable(a + b)
+    if len(a) != len(b):
+        raise PipelineError(f"cannot compare a side of {len(a)} run(s) with one of {len(b)}: give both sides the "
+                            "same number of runs (run i of A is matched with run i of B), or one each")
     k = a[0].k
     models = [m for m in a[0].ranks if all(m in run.ranks for run in a + b)]
     rows = []
     for protocol in PROTOCOL_NAMES:
+        values = {}
         for model in models:
             users = ranked(a[0], model, protocol)
             if any(not np.array_equal(ranked(run, model, protocol), users) for run in a + b):
                 raise PipelineError(f"cannot compare: the runs fully ranked different samples of test users "
                                     "(another full_rank_users)")
-            va, vb = pooled(a, model, protocol, k, users), pooled(b, model, protocol, k, users)
-            for metric in ("hr", "ndcg"):
-                diff = paired(vb[metric], va[metric])
-                same = np.array_equal(vb[metric], va[metric])
-                rows.append({"protocol": protocol, "model": model, "metric": metric, "a": float(va[metric].mean()),
-                             "b": float(vb[metric].mean()), "diff": diff,
+            values[model] = side_values(a, model, protocol, k, users), side_values(b, model, protocol, k, users)
+        for metric in ("hr", "ndcg"):
+            family = adjust({model: difference(va[metric], vb[metric], metric) for model, (va, vb) in values.items()})
+            for model, diff in family.items():
+                va, vb = (v[metric] for v in values[model])
+                same = np.array_equal(vb, va)
+                spread = (va.mean(axis=1).std(ddof=1), vb.mean(axis=1).std(ddof=1)) if len(va) > 1 else None
+                rows.append({"protocol": protocol, "model": model, "metric": metric, "a": float(va.mean()),
+                             "b": float(vb.mean()), "diff": diff, "seed_sd": spread,
                              "verdict": "the same for every user" if same else verdict(diff)})
     return models, rows
 
 
 def side_name(side: list[Run]) -> str:
-    return side[0].name if len(side) == 1 else f"{','.join(r.name for r in side)} (pooled)"
+    return side[0].name if len(side) == 1 else f"{','.join(r.name for r in side)} ({len(side)} runs)"
 
 
 def render(a: list[Run], b: list[Run], rows: list[dict]) -> str:
     """The comparison as text, at most 100 columns."""
     k = a[0].k
     metric_names = {"hr": f"HR@{k}", "ndcg": f"NDCG@{k}"}
-    out = [f"A = {side_name(a)}", f"B = {side_name(b)}",
-           f"{len(a[0].users):,} test users ({a[0].dataset}); B - A is the mean per-user difference, with its 95% "
-           "interval", "and the paired t-test's p-value.", ""]
+    n_models = len({row["model"] for row in rows})
+    runs = len(a)
+    if runs == 1:
+        how = ["B - A is the mean per-user difference with its 95% interval; p: HR by the exact McNemar test,",
+               "NDCG by the paired t-test."]
+    else:
+        how = [f"Run i of A is matched with run i of B ({runs} pairs: seeds are replicates). B - A and its 95%",
+               "interval count how both the seeds and the users vary (a runs x users random-effects t-test);",
+               "sd: the spread of each side's metric over its runs."]
+    out = [f"A = {side_name(a)}", f"B = {side_name(b)}", f"{len(a[0].users):,} test users ({a[0].dataset}). " + how[0],
+           *how[1:], f"Each protocol and metric is a family of {n_models} comparisons (one per model): the p-values "
+           "are", "adjusted by Holm's method, and a verdict needs an adjusted p below 0.05.", ""]
     for protocol, title in PROTOCOL_NAMES.items():
         users = int(ranked(a[0], rows[0]["model"], protocol).sum()) if rows else 0
         if users < len(a[0].users):
             title += f" (a seeded sample of {users:,} test users)"
-        out += [title, f"{'model':<8} {'metric':<8} {'A':>6} {'B':>6}  {'B - A [95%]':<26} {'p':>7}  verdict"]
+        sd_head = "  sd A/B" if runs > 1 else ""
+        out += [title, f"{'model':<8} {'metric':<8} {'A':>6} {'B':>6}  {'B - A [95%]':<26} {'p adj.':>6}{sd_head}"
+                "  verdict"]
         for row in (r for r in rows if r["protocol"] == protocol):
             d = row["diff"]
             cell = f"{d.mean:+.4f} [{d.lo:+.4f}, {d.hi:+.4f}]"
+            sd = f"  {row['seed_sd'][0]:.3f}/{row['seed_sd'][1]:.3f}" if row["seed_sd"] else ""
+            shown = {"higher": "B higher", "lower": "B lower"}.get(row["verdict"], row["verdict"])
             out.append(f"{label(row['model']):<8} {metric_names[row['metric']]:<8} {row['a']:6.4f} {row['b']:6.4f}  "
-                       f"{cell:<26} {d.p:7.2g}  {row['verdict'].replace('higher', 'B higher').replace('lower', 'B lower')}")
+                       f"{cell:<26} {d.p_adjusted:6.2g}{sd}  {shown}")
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 

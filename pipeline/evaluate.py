@@ -12,8 +12,10 @@ seed notebook). Each model is its test-time checkpoint (refitted on train + vali
 `refit` is on); the models that read a user's history (EASE, SASRec) read everything before the
 test item, train and validation, whether or not they were refitted.
 
-Writes METRICS_OUT (test.json: the DVC metrics), INTERVALS_OUT (95% intervals of every metric and
-each model's paired difference from the best model and from ItemPop; see pipeline.stats),
+Writes METRICS_OUT (test.json: the DVC metrics), INTERVALS_OUT (95% intervals of every metric,
+each model's validation metrics by both protocols, and each model's paired difference from the
+reference, the model best on that protocol's validation HR, and from ItemPop, with Holm-adjusted
+verdicts per column; see pipeline.stats),
 CURVE_DIR/<model>.csv (sampled HR@K for K = 1..20) and RANKS_OUT (every user's sampled and full
 rank per model, with what identifies the test set: for `python -m pipeline.compare`).
 """
@@ -29,25 +31,16 @@ import scipy.sparse as sp
 
 from pipeline.common import PipelineError, atomic_output, configure_torch, pick_device, run_stage, write_json
 from pipeline.data import Candidates, load_candidates, load_split
-from pipeline.metrics import full_ranks, heldout_rank, hit_ratio, hit_ratio_curve, mrr, ndcg, per_user
-from pipeline.models import Model, get as get_model, load_model
+from pipeline.metrics import full_rank_sample, full_ranks, heldout_rank, hit_ratio, hit_ratio_curve, mrr, ndcg, per_user
+from pipeline.models import Model, checkpoint_paths, get as get_model, load_model
 from pipeline.params import load_params, trained_models
-from pipeline.stats import UNRANKED, interval, paired, verdict
+from pipeline.stats import ALPHA, CORRECTION, UNRANKED, adjust, interval, paired, verdict
+from pipeline.training import Validation
 
 log = logging.getLogger("evaluate")
 
 CURVE_MAX_K = 20
 PROTOCOLS = ("sampled", "full")
-FULL_RANK_STREAM = 7  # random stream of candidate_seed that picks the fully ranked users
-
-
-def full_rank_sample(n_users: int, limit: int, seed: int) -> np.ndarray:
-    """Positions (sorted) of the test users that full ranking scores: all, or a seeded sample of `limit`."""
-    if limit == 0 or n_users <= limit:
-        return np.arange(n_users)
-    return np.sort(np.random.default_rng([seed, FULL_RANK_STREAM]).choice(n_users, size=limit, replace=False))
-
-
 def test_set_digest(test: Candidates) -> str:
     """A fingerprint of the test users and their candidate lists: equal digests, comparable runs."""
     digest = hashlib.sha256()
@@ -85,29 +78,68 @@ def point_metrics(ranks: dict[str, np.ndarray], k: int) -> dict:
     return {**three(ranks["sampled"]), "full": three(ranked_only(ranks, "full"))}
 
 
-def intervals(all_ranks: dict[str, dict[str, np.ndarray]], k: int) -> dict:
-    """95% intervals of every metric, and each model's paired HR@k and NDCG@k difference from the
-    best model (by that protocol's HR@k) and from the baseline (the model whose class says so: ItemPop)."""
+METRIC_TESTS = {"hr": "exact McNemar test", "ndcg": "paired t-test"}
+
+
+def choose_reference(validation: dict[str, dict[str, dict[str, float]]], protocol: str) -> str:
+    """The model with the best validation HR@k by `protocol` (then NDCG@k; then the first listed)."""
+    return max(validation, key=lambda name: (validation[name][protocol]["hr"], validation[name][protocol]["ndcg"]))
+
+
+def family(values: dict[str, dict[str, np.ndarray]], others: list[str], against: str, metric: str) -> dict:
+    """Every model of `others` minus `against` in `metric`, Holm-adjusted over these comparisons."""
+    tests = {name: paired(values[name][metric], values[against][metric], binary=metric == "hr") for name in others}
+    return adjust(tests)
+
+
+def intervals(all_ranks: dict[str, dict[str, np.ndarray]], k: int,
+              validation: dict[str, dict[str, dict[str, float]]]) -> dict:
+    """95% intervals of every metric, and per protocol each model's paired HR@k and NDCG@k difference
+    from the reference (the model best on that protocol's validation HR@k) and from the baseline
+    (the model whose class says so: ItemPop). Each column of differences (one protocol, one metric,
+    one model compared against) is a family whose p-values are Holm-adjusted."""
     values = {name: {p: per_user(ranked_only(r, p), k) for p in PROTOCOLS} for name, r in all_ranks.items()}
     first = next(iter(all_ranks.values()))
-    out: dict = {"k": k, "users": len(first["sampled"]), "full_rank_users": len(ranked_only(first, "full")),
-                 "method": "t interval over users; differences: paired t-test over users (pipeline/stats.py)",
-                 "models": {}}
-    best = {p: max(values, key=lambda name: values[name][p]["hr"].mean()) for p in PROTOCOLS}
+    reference = {p: choose_reference(validation, p) for p in PROTOCOLS}
     baseline = next((name for name in values if get_model(name).baseline), None)
-    out["best"] = best
+    out: dict = {
+        "k": k, "users": len(first["sampled"]), "full_rank_users": len(ranked_only(first, "full")),
+        "method": {"interval": "95%: Wilson for HR, t interval for NDCG and MRR",
+                   "difference": f"HR: {METRIC_TESTS['hr']}; NDCG: {METRIC_TESTS['ndcg']}; interval: the paired "
+                                 "95% t interval of that comparison alone",
+                   "family": "one column: every other model against one model, in one metric of one protocol",
+                   "correction": f"{CORRECTION}: a verdict is 'higher' or 'lower' when its adjusted p < {ALPHA:.2f}",
+                   "reference": f"chosen per protocol by validation HR@{k} (then NDCG@{k}) of the train-only "
+                                "checkpoints: never by the test users"},
+        "reference": reference, "validation": validation, "models": {name: {} for name in values}}
+    for p in PROTOCOLS:
+        for label, against in (("vs_reference", reference[p]), ("vs_itempop", baseline)):
+            if against not in values:
+                continue
+            others = [name for name in values if name != against]
+            for metric in ("hr", "ndcg"):
+                for name, diff in family({n: v[p] for n, v in values.items()}, others, against, metric).items():
+                    entry = out["models"][name].setdefault(p, {}).setdefault(label, {"model": against,
+                                                                                     "comparisons": len(others)})
+                    entry[metric] = {**diff.as_dict(), "verdict": verdict(diff)}
     for name, by_protocol in values.items():
-        entry = {}
         for p, metric_values in by_protocol.items():
-            entry[p] = {metric: interval(v).as_dict() for metric, v in metric_values.items()}
-            for label, other in (("vs_best", best[p]), ("vs_itempop", baseline)):
-                if other == name or other not in values:
-                    continue
-                entry[p][label] = {"model": other}
-                for metric in ("hr", "ndcg"):
-                    diff = paired(metric_values[metric], values[other][p][metric])
-                    entry[p][label][metric] = {**diff.as_dict(), "verdict": verdict(diff)}
-        out["models"][name] = entry
+            entry = out["models"][name].setdefault(p, {})
+            estimates = {metric: interval(v, proportion=metric == "hr").as_dict() for metric, v in metric_values.items()}
+            out["models"][name][p] = {**estimates, **entry}
+    return out
+
+
+def validation_metrics(models_dir: Path, names: list[str], split, val: Candidates, params: dict,
+                       device) -> dict[str, dict[str, dict[str, float]]]:
+    """Each model's train-only checkpoint on the validation users, by both protocols: {name: {protocol: {hr, ndcg}}}."""
+    check = Validation.of(val, split.train, params["full_rank_users"], params["candidate_seed"])
+    history = split.history(val=False)
+    out = {}
+    for name in names:
+        row = check.measure(load_model(name, checkpoint_paths(models_dir, name)[1], history, device), params["topK"])
+        out[name] = {"sampled": {"hr": round(row.val_hr, 6), "ndcg": round(row.val_ndcg, 6)},
+                     "full": {"hr": round(row.val_full_hr, 6), "ndcg": round(row.val_full_ndcg, 6)}}
     return out
 
 
@@ -151,7 +183,12 @@ def main() -> None:
         log.info("%s: sampled HR@%d %.4f, NDCG %.4f; full HR@%d %.4f, NDCG %.4f, MRR %.4f",
                  name, k, m["hr"], m["ndcg"], k, m["full"]["hr"], m["full"]["ndcg"], m["full"]["mrr"])
     save_ranks(args.ranks_out, all_ranks, test, params)
-    write_json(args.intervals_out, intervals(all_ranks, k))
+    names = list(all_ranks)
+    validation = validation_metrics(args.models_dir, names, split, load_candidates(args.candidates_dir / "val.npz"),
+                                    params, device)
+    log.info("references (best validation HR@%d): %s", k,
+             ", ".join(f"{p} {choose_reference(validation, p)}" for p in PROTOCOLS))
+    write_json(args.intervals_out, intervals(all_ranks, k, validation))
     write_json(args.metrics_out, metrics)
     # One file per model, so that DVC's plot of them never names a model that was not evaluated.
     with atomic_output(args.curve_dir, is_dir=True) as tmp:

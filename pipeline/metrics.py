@@ -11,6 +11,17 @@ if TYPE_CHECKING:  # torch is imported where it is used: comparing runs needs no
     import torch
 
 
+FULL_RANK_STREAM = 7  # random stream of candidate_seed that picks the fully ranked users
+
+
+def full_rank_sample(n_users: int, limit: int, seed: int) -> np.ndarray:
+    """Positions (sorted) of the users (test or validation) that full ranking scores: all, or a seeded
+    sample of `limit`."""
+    if limit == 0 or n_users <= limit:
+        return np.arange(n_users)
+    return np.sort(np.random.default_rng([seed, FULL_RANK_STREAM]).choice(n_users, size=limit, replace=False))
+
+
 def heldout_rank(scores: np.ndarray) -> np.ndarray:
     """Return each row's 0-based rank of column 0 among all columns.
 

@@ -69,10 +69,11 @@ SEPARATORS = (",", "\t", ";", "|", "::", " ")
 # The shared training loop's knobs, for the models' specs (pipeline/models/): each neural model's
 # section has them (the MLP's are top-level keys).
 LOOP = {
-    "lr": Spec("float", 0.0, 1.0, low_open=True, doc="Adam learning rate"),
-    "weight_decay": Spec("float", 0.0, 1.0, doc="Adam L2 weight decay"),
+    "lr": Spec("float", 0.0, 1.0, low_open=True, doc="learning rate"),
+    "weight_decay": Spec("float", 0.0, 1.0, doc="decoupled weight decay: every weight shrinks by lr x weight_decay "
+                                                "at every step (AdamW), on every table size"),
     "epochs": Spec("int", 1, 10000, doc="passes over the train interactions; the best-validation one is kept"),
-    "batch_size": Spec("int", 1, 2**24, doc="training pairs per Adam step"),
+    "batch_size": Spec("int", 1, 2**24, doc="training pairs per optimiser step"),
     "negatives": Spec("int", 1, 1000, doc="training negatives per positive, resampled every epoch"),
 }
 DROPOUT = Spec("float", 0.0, 1.0, high_open=True, doc="dropout rate while training")
@@ -84,6 +85,7 @@ SPECS: dict[str, Spec] = {
     "test_negatives": Spec("int", 1, 100000),
     "refit": Spec("bool"),
     "full_rank_users": Spec("int", 0, 2**31 - 1),
+    "select_by": Spec("choice", choices=("sampled", "full")),
     "dataset": Spec("choice", choices=DATASET_NAMES),
     "custom_path": Spec("str"),
     "custom_sep": Spec("choice", choices=SEPARATORS),

@@ -3,8 +3,8 @@
     python -m pipeline.report PREPARED_DIR RECOMMENDATIONS_CSV METRICS_DIR REPORT_MD
 
 The report holds the dataset and split sizes, every evaluated model's sampled and full-ranking
-metrics with their 95% intervals, each model's paired difference from the best model and from
-ItemPop (with a p-value and a plain verdict), the charts (training curves per model; test HR@K for K = 1..20), and three example users
+metrics with their 95% intervals, each model's paired difference from the reference (the best on
+validation) and from ItemPop (with raw and Holm-adjusted p-values and a plain verdict), the charts (training curves per model; test HR@K for K = 1..20), and three example users
 (a light, a typical and a heavy rater) with their recent ratings and recommendations. The charts
 are drawn with matplotlib (no browser or internet needed, unlike `dvc plots show`).
 """
@@ -140,16 +140,20 @@ def main() -> None:
         "## Models on the test users", "",
         f"Sampled: the held-out item ranked among {params['test_negatives']} sampled unseen items. Full: ranked "
         "among every item the user has not interacted with in train or validation. Each model's epoch was "
-        "chosen on validation HR" + (", and the model was then refitted on train + validation, so that it "
-        "scores the test item knowing everything before it." if params["refit"] else " (trained on train only: "
-        "`refit` is off).") + f" Every number is a mean over {bars['users']:,} test users, shown with the half-width "
-        "of its 95% interval (a t interval over users)." + (" " + full_ranking_note(bars)).rstrip(), "",
+        f"chosen on validation {params['select_by']} HR@{params['topK']} (`select_by`)" + (", and the model was then "
+        "refitted on train + validation, so that it scores the test item knowing everything before it." if
+        params["refit"] else " (trained on train only: `refit` is off).") + f" Every number is a mean over "
+        f"{bars['users']:,} test users, shown with the half-width of its 95% interval (Wilson for HR, a t interval "
+        "for NDCG and MRR)." + (" " + full_ranking_note(bars)).rstrip(), "",
         metrics_table(metrics, bars, summaries), "",
         "## Which differences are real", "",
-        "Each model against the best model and against ItemPop, on the same users: the mean per-user "
-        f"difference in HR@{params['topK']}, its 95% interval and the paired t-test's p-value. Where the interval "
-        "covers zero the two are indistinguishable at 95% on this test set. (Several comparisons are made at "
-        "once: a p-value just under 0.05 is weak evidence.)", "",
+        "Each model against the reference and against ItemPop, on the same users: the mean per-user difference in "
+        f"HR@{params['topK']} with its 95% interval (of that comparison alone) and the exact McNemar test's p-value. "
+        "The reference of each protocol is the model with the best validation HR by that protocol (the train-only "
+        "checkpoints on the validation users), never the test set's best. Each column is one family: its p-values "
+        "are adjusted by Holm's method, so that the chance of any false verdict in the column is at most 5%; a "
+        "verdict (higher or lower) needs an adjusted p below 0.05, and otherwise the two are indistinguishable on "
+        "this test set.", "",
         *significance_tables(bars), "",
         f"![Training curves]({rel(plots / 'training.png')})", "",
         f"![Test HR@K]({rel(plots / 'hr_at_k.png')})", "",

@@ -27,10 +27,17 @@ def pm(entry: dict | None, digits: int = 3) -> str:
 
 
 def diff_cell(entry: dict | None) -> str:
-    """'+0.012 [-0.015, +0.039], p 0.38' for a paired difference; '' when missing."""
+    """'+0.012 [-0.015, +0.039], p 0.38 (adj. 1)' for a paired difference; '' when missing."""
     if not entry:
         return ""
-    return f"{entry['mean']:+.3f} [{entry['lo']:+.3f}, {entry['hi']:+.3f}], p {entry['p']:.2g}"
+    return (f"{entry['mean']:+.3f} [{entry['lo']:+.3f}, {entry['hi']:+.3f}], p {entry['p']:.2g} "
+            f"(adj. {entry['p_adjusted']:.2g})")
+
+
+def family_note(bars: dict, protocol: str, key: str) -> str:
+    """How many comparisons a column's family holds, and how they are read."""
+    n = next((e[protocol][key]["comparisons"] for e in bars["models"].values() if key in e.get(protocol, {})), 0)
+    return f"a family of {n} comparisons per column, Holm-adjusted"
 
 
 def model_names(metrics: dict) -> list[str]:
@@ -61,16 +68,18 @@ def metrics_table(metrics: dict, bars: dict, summaries: dict[str, dict] | None =
 
 
 def significance_tables(bars: dict) -> list[str]:
-    """Markdown: per protocol, each model's paired HR@k difference from the best model and from ItemPop."""
+    """Markdown: per protocol, each model's paired HR@k difference from the reference (chosen on
+    validation) and from ItemPop, with Holm-adjusted verdicts per column."""
     k, out = bars["k"], []
     for protocol, title in PROTOCOL_NAMES.items():
-        best = bars["best"][protocol]
-        out += [f"**{title.capitalize()}** (best by HR@{k}: {label(best)})", "",
-                f"| model | HR@{k} − {label(best)} [95%], p | verdict | HR@{k} − ItemPop [95%], p | verdict |",
-                "|---|---|---|---|---|"]
+        ref = bars["reference"][protocol]
+        out += [f"**{title.capitalize()}** (reference: {label(ref)}, the best validation HR@{k} by {title}; "
+                f"{family_note(bars, protocol, 'vs_reference')})", "",
+                f"| model | HR@{k} − {label(ref)} [95%], p (adjusted) | verdict | HR@{k} − ItemPop [95%], p "
+                "(adjusted) | verdict |", "|---|---|---|---|---|"]
         for name, entry in bars["models"].items():
             cells = []
-            for key in ("vs_best", "vs_itempop"):
+            for key in ("vs_reference", "vs_itempop"):
                 diff = entry[protocol].get(key, {}).get("hr")
                 cells += [diff_cell(diff), diff["verdict"] if diff else "(itself)"]
             out.append(f"| {label(name)} | " + " | ".join(cells) + " |")
@@ -91,8 +100,9 @@ def terminal_table(metrics: dict, bars: dict) -> str:
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in rows]
     lines.insert(1, "-" * len(lines[0]))
-    best = ", ".join(f"{label(bars['best'][p])} ({PROTOCOL_NAMES[p]})" for p in PROTOCOL_NAMES)
-    lines += ["", f"{bars['users']:,} test users; ± is the half-width of the 95% interval.", f"Best by HR@{k}: {best}.",
+    refs = ", ".join(f"{label(bars['reference'][p])} ({PROTOCOL_NAMES[p]})" for p in PROTOCOL_NAMES)
+    lines += ["", f"{bars['users']:,} test users; ± is the half-width of the 95% interval (Wilson for HR).",
+              f"Reference, best by validation HR@{k}: {refs}.",
               "Which differences are real: metrics/report.md. Against another run: python -m pipeline.compare."]
     if full_ranking_note(bars):
         lines.insert(-2, full_ranking_note(bars))

@@ -18,8 +18,8 @@ the refitted ones for its refit. Every checkpoint is a dict of tensors: torch.lo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
-import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,20 +27,12 @@ from pathlib import Path
 import torch
 
 from pipeline.common import atomic_output, configure_torch, pick_device, run_stage, write_json, write_text
-from pipeline.data import Candidates, Split, load_candidates, load_split
-from pipeline.models import Model, get as get_model, list_models, load_state
+from pipeline.data import Split, load_candidates, load_split
+from pipeline.models import Model, checkpoint_paths, get as get_model, list_models, load_state
 from pipeline.params import load_params, model_section
-from pipeline.training import EpochStats, FitConfig, curve_csv, evaluate_ranking, fit, fit_and_refit
+from pipeline.training import EpochStats, FitConfig, Validation, curve_csv, fit, fit_and_refit
 
 log = logging.getLogger("train")
-
-TRAIN_ONLY = "trainonly"  # MODEL.trainonly.pt: the validation-chosen model
-
-
-def checkpoint_paths(models_dir: Path, name: str) -> tuple[Path, Path]:
-    """(the test-time checkpoint, the train-only one) of model `name`."""
-    return models_dir / f"{name}.pt", models_dir / f"{name}.{TRAIN_ONLY}.pt"
-
 
 def build(name: str, split: Split, params: dict, models_dir: Path, refitted: bool) -> Model:
     """A freshly seeded model `name`: initialised at random, or from its sources' checkpoints if fused."""
@@ -56,10 +48,10 @@ def build(name: str, split: Split, params: dict, models_dir: Path, refitted: boo
     return cls.from_sources(sources, section)
 
 
-def train_neural(name: str, split: Split, val: Candidates, params: dict, device: torch.device,
+def train_neural(name: str, split: Split, val: Validation, params: dict, device: torch.device,
                  models_dir: Path) -> tuple[dict, dict, list[EpochStats], int]:
     """Train a neural model; return (test-time state, train-only state, curve, chosen epoch)."""
-    cfg = FitConfig.from_section(model_section(params, name), params["seed"], params["topK"])
+    cfg = FitConfig.from_section(model_section(params, name), params["seed"], params["topK"], params["select_by"])
 
     def make(refitted: bool) -> Model:
         return build(name, split, params, models_dir, refitted)
@@ -71,7 +63,7 @@ def train_neural(name: str, split: Split, val: Candidates, params: dict, device:
     return fit_and_refit(make, train, split.history(val=True), val, cfg, device, name)
 
 
-def train_closed_form(name: str, split: Split, val: Candidates, params: dict
+def train_closed_form(name: str, split: Split, val: Validation, params: dict
                       ) -> tuple[dict, dict, list[EpochStats], int]:
     """Fit a closed-form model; return (test-time state, train-only state, one-row curve, 1).
 
@@ -83,9 +75,9 @@ def train_closed_form(name: str, split: Split, val: Candidates, params: dict
     with ThreadPoolExecutor(max_workers=1) as pool:
         refit = pool.submit(cls.fit, split.train_and_val(), section) if params["refit"] else None
         state = cls.fit(split.train, section)
-        hr, nd = evaluate_ranking(cls.from_state(state, split.history(val=False)), val, params["topK"])
+        row = val.measure(cls.from_state(state, split.history(val=False)), params["topK"])
         test_state = refit.result() if refit is not None else state
-    return test_state, state, [EpochStats(1, math.nan, hr, nd)], 1
+    return test_state, state, [dataclasses.replace(row, epoch=1)], 1
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -106,7 +98,8 @@ def main() -> None:
     params = load_params(models=(name,))
     configure_torch()
     split = load_split(args.prepared_dir)
-    val = load_candidates(args.candidates_dir / "val.npz")
+    val = Validation.of(load_candidates(args.candidates_dir / "val.npz"), split.train, params["full_rank_users"],
+                        params["candidate_seed"])
     start = time.perf_counter()
     if cls.neural:
         device = pick_device(params["device"])
@@ -120,10 +113,13 @@ def main() -> None:
     save_checkpoint(train_only_path, train_only)
     save_checkpoint(test_path, state)
     write_text(args.training_dir / f"{name}.csv", curve_csv(curve))
-    write_json(args.training_dir / f"{name}.json", {"best_epoch": best, "val_hr": round(row.val_hr, 6),
-                                                     "val_ndcg": round(row.val_ndcg, 6), "refit": params["refit"]})
-    chosen = f"best epoch {best} of {len(curve)}" if cls.neural else "closed form"
-    log.info("%s: %s: val HR@%d %.4f, NDCG %.4f%s; %.1f s", name, chosen, params["topK"], row.val_hr, row.val_ndcg,
+    write_json(args.training_dir / f"{name}.json", {
+        "best_epoch": best, "select_by": params["select_by"], "val_hr": round(row.val_hr, 6),
+        "val_ndcg": round(row.val_ndcg, 6), "val_full_hr": round(row.val_full_hr, 6),
+        "val_full_ndcg": round(row.val_full_ndcg, 6), "refit": params["refit"]})
+    chosen = f"best epoch {best} of {len(curve)} by {params['select_by']} HR" if cls.neural else "closed form"
+    log.info("%s: %s: val HR@%d %.4f, NDCG %.4f; full HR %.4f, NDCG %.4f%s; %.1f s", name, chosen, params["topK"],
+             row.val_hr, row.val_ndcg, row.val_full_hr, row.val_full_ndcg,
              "; refitted on train + validation" if params["refit"] else "", seconds)
 
 

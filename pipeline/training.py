@@ -6,8 +6,10 @@ interacted with, drawn afresh on the training device, and the chunk's pairs are 
 into batches (slices of tensors: no per-sample Python). So an epoch's memory is bounded by the
 chunk, whatever the data's size, and nothing is copied to or from the host per step.
 
-Fused Adam minimises binary cross-entropy. After each epoch HR@topK and NDCG@topK on the
-validation candidates decide which epoch's weights are kept (the earliest best HR, then NDCG).
+Fused AdamW (decoupled weight decay; or SGD, for NeuMF's fine-tuning) minimises binary cross-entropy.
+After each epoch HR@topK and NDCG@topK on the validation users, by the protocol `select_by` names
+(the sampled candidates, or full ranking), decide which epoch's weights are kept (the earliest
+best HR, then NDCG); both protocols are measured and written to the curve.
 `refit` trains a fresh model the same way on train plus validation for a given number of epochs
 (the one picked on validation). A NaN or infinite loss stops training: no diverged checkpoint is
 ever kept.
@@ -16,13 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import logging
 import math
 import multiprocessing as mp
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
@@ -31,7 +33,7 @@ import torch
 
 from pipeline.common import PipelineError
 from pipeline.data import Candidates, History, matrix_of
-from pipeline.metrics import heldout_rank, hit_ratio, ndcg
+from pipeline.metrics import full_rank_sample, full_ranks, heldout_rank, hit_ratio, ndcg
 from pipeline.models import Model
 from pipeline.sampling import ComplementSampler
 
@@ -41,7 +43,7 @@ NEGATIVE_STREAM, ORDER_STREAM, DROPOUT_STREAM, SHUFFLE_STREAM = 2, 3, 4, 5  # ra
 CHUNK_PAIRS = 1 << 21  # training pairs built at a time: about 40 MB, whatever the data's size
 
 
-@dataclass
+@dataclasses.dataclass
 class FitConfig:
     """What the loop needs: the optimiser's settings, the sampling, the selection metric."""
 
@@ -53,22 +55,56 @@ class FitConfig:
     negatives: int
     topK: int
     chunk_pairs: int = CHUNK_PAIRS
+    optimizer: str = "adam"
+    select_by: str = "sampled"
 
     @classmethod
-    def from_section(cls, section: dict, seed: int, k: int) -> "FitConfig":
+    def from_section(cls, section: dict, seed: int, k: int, select_by: str = "sampled") -> "FitConfig":
         """The loop's settings from a model's params section (the MLP's: the top-level keys)."""
         return cls(seed, section["lr"], section.get("weight_decay", 0.0), section["epochs"], section["batch_size"],
-                   section.get("negatives", 1), k)
+                   section.get("negatives", 1), k, optimizer=section.get("optimizer", "adam"), select_by=select_by)
 
 
-@dataclass
+@dataclasses.dataclass
 class EpochStats:
-    """One row of the training curve (val_hr and val_ndcg are NaN when there is no validation)."""
+    """One row of the training curve: validation HR@k and NDCG@k by the sampled protocol and by full
+    ranking (NaN when there is no validation, or no full ranking of it)."""
 
     epoch: int
     loss: float
     val_hr: float
     val_ndcg: float
+    val_full_hr: float = math.nan
+    val_full_ndcg: float = math.nan
+
+    def key(self, select_by: str) -> tuple[float, float]:
+        """What picks the epoch: (HR@k, NDCG@k) of the `select_by` protocol."""
+        return (self.val_full_hr, self.val_full_ndcg) if select_by == "full" else (self.val_hr, self.val_ndcg)
+
+
+@dataclasses.dataclass
+class Validation:
+    """The validation users, by both protocols: `sampled` (each user's validation item among its
+    sampled candidates) and full ranking of the validation item of `full_users` (positions into
+    sampled.users) against every item not in `seen` (the train interactions)."""
+
+    sampled: Candidates
+    full_users: np.ndarray | None = None
+    seen: sp.csr_matrix | None = None
+
+    @classmethod
+    def of(cls, sampled: Candidates, seen: sp.csr_matrix, full_rank_users: int, seed: int) -> "Validation":
+        """Both protocols; full ranking for all users, or a seeded sample of `full_rank_users` (0: all)."""
+        return cls(sampled, full_rank_sample(len(sampled.users), full_rank_users, seed), seen)
+
+    def measure(self, model: Model, k: int) -> EpochStats:
+        """An EpochStats (epoch 0, no loss) with the model's validation metrics."""
+        hr, nd = evaluate_ranking(model, self.sampled, k)
+        if self.full_users is None:
+            return EpochStats(0, math.nan, hr, nd)
+        users = self.sampled.users[self.full_users]
+        ranks = full_ranks(model.score_all, users, self.sampled.items[self.full_users, 0], self.seen)
+        return EpochStats(0, math.nan, hr, nd, hit_ratio(ranks, k), ndcg(ranks, k))
 
 
 def seeded_generator(seed: int, stream: int, device: torch.device) -> torch.Generator:
@@ -77,39 +113,93 @@ def seeded_generator(seed: int, stream: int, device: torch.device) -> torch.Gene
     return torch.Generator(device=device).manual_seed(state)
 
 
-class LazyAdam(torch.optim.Optimizer):
-    """Adam for embedding tables with sparse gradients: a step moves only the rows the batch touched.
+class _Lazy(torch.optim.Optimizer):
+    """An optimiser for embedding tables with sparse gradients: a step moves only the rows the batch
+    touched, so it costs O(batch), not O(table) (a 20M-interaction table's step costs about what a
+    100K one's does).
 
-    For those rows it is Adam with L2 weight decay (the decay is added to the gradient, as in
-    torch.optim.Adam), with the step count shared by the table, as TensorFlow's LazyAdam. Rows not
-    in the batch keep their weights and moments, so a step costs O(batch), not O(table): a 20M
-    interaction table's step costs about what a 100K one's does.
+    Weight decay is decoupled (as in AdamW): every row shrinks by (1 - lr x weight_decay) at every
+    step, whether or not the batch touched it, exactly as the dense optimisers do it. A row's decay
+    is applied when a batch next touches it, and for every row by `flush()` (called before the
+    weights are read: after each epoch), so the decay each row gets does not depend on which path
+    its table took.
     """
 
-    def __init__(self, params, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8):
-        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "betas": betas, "eps": eps})
+    def _decay(self, param: torch.Tensor, group: dict, state: dict, rows: torch.Tensor | None) -> None:
+        """Bring `rows` (None: all) up to date with the decay of every step so far."""
+        shrink = 1.0 - group["lr"] * group["weight_decay"]
+        if shrink == 1.0:
+            return
+        last = state["decayed"] if rows is None else state["decayed"][rows]
+        factor = shrink ** (state["step"] - last).to(param.dtype)
+        if rows is None:
+            param.mul_(factor[:, None])
+            state["decayed"].fill_(state["step"])
+        else:
+            param[rows] *= factor[:, None]
+            state["decayed"][rows] = state["step"]
+
+    def _state(self, param: torch.Tensor) -> dict:
+        state = self.state[param]
+        if not state:
+            state["step"] = 0
+            state["decayed"] = torch.zeros(param.shape[0], dtype=torch.int64, device=param.device)
+            self._init_state(param, state)
+        return state
+
+    def _init_state(self, param: torch.Tensor, state: dict) -> None:
+        pass
 
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
             for param in group["params"]:
                 if param.grad is None:
                     continue
                 grad = param.grad.coalesce()
                 rows, values = grad.indices()[0], grad.values()
-                if group["weight_decay"]:
-                    values = values + group["weight_decay"] * param[rows]
-                state = self.state[param]
-                if not state:
-                    state["step"], state["exp_avg"], state["exp_avg_sq"] = 0, torch.zeros_like(param), torch.zeros_like(param)
+                state = self._state(param)
                 state["step"] += 1
-                exp_avg = state["exp_avg"][rows].mul_(beta1).add_(values, alpha=1 - beta1)
-                exp_avg_sq = state["exp_avg_sq"][rows].mul_(beta2).addcmul_(values, values, value=1 - beta2)
-                state["exp_avg"][rows], state["exp_avg_sq"][rows] = exp_avg, exp_avg_sq
-                denom = (exp_avg_sq / (1 - beta2 ** state["step"])).sqrt_().add_(group["eps"])
-                param.index_add_(0, rows, exp_avg / denom, alpha=-group["lr"] / (1 - beta1 ** state["step"]))
+                self._decay(param, group, state, rows)
+                self._update(param, group, state, rows, values)
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Apply every row's pending decay."""
+        for group in self.param_groups:
+            for param in group["params"]:
+                if self.state[param]:
+                    self._decay(param, group, self.state[param], None)
+
+
+class LazyAdam(_Lazy):
+    """Adam on the touched rows, with the step count shared by the table (as TensorFlow's LazyAdam):
+    rows not in the batch keep their weights (but for the decay) and moments."""
+
+    def __init__(self, params, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8):
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "betas": betas, "eps": eps})
+
+    def _init_state(self, param: torch.Tensor, state: dict) -> None:
+        state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(param), torch.zeros_like(param)
+
+    def _update(self, param, group, state, rows, values) -> None:
+        beta1, beta2 = group["betas"]
+        exp_avg = state["exp_avg"][rows].mul_(beta1).add_(values, alpha=1 - beta1)
+        exp_avg_sq = state["exp_avg_sq"][rows].mul_(beta2).addcmul_(values, values, value=1 - beta2)
+        state["exp_avg"][rows], state["exp_avg_sq"][rows] = exp_avg, exp_avg_sq
+        denom = (exp_avg_sq / (1 - beta2 ** state["step"])).sqrt_().add_(group["eps"])
+        param.index_add_(0, rows, exp_avg / denom, alpha=-group["lr"] / (1 - beta1 ** state["step"]))
+
+
+class LazySGD(_Lazy):
+    """Plain SGD on the touched rows (the rows a batch missed have a zero gradient: only the decay)."""
+
+    def __init__(self, params, lr: float, weight_decay: float = 0.0):
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+
+    def _update(self, param, group, state, rows, values) -> None:
+        param.index_add_(0, rows, values, alpha=-group["lr"])
 
 
 class _Optimizers:
@@ -126,20 +216,31 @@ class _Optimizers:
         for opt in self.optimizers:
             opt.step()
 
+    def flush(self) -> None:
+        """Apply the lazy tables' pending weight decay (before the weights are read)."""
+        for opt in self.optimizers:
+            if isinstance(opt, _Lazy):
+                opt.flush()
+
 
 LAZY_ROWS_PER_BATCH = 8  # a table with more rows than this many batches' pairs is updated lazily
+OPTIMIZERS = ("adam", "sgd")
 
 
-def make_optimizer(model: Model, lr: float, weight_decay: float, batch_size: int) -> _Optimizers:
-    """Fused Adam, except LazyAdam for embedding tables of more than LAZY_ROWS_PER_BATCH x batch_size rows.
+def make_optimizer(model: Model, lr: float, weight_decay: float, batch_size: int, kind: str = "adam") -> _Optimizers:
+    """AdamW (or SGD), fused, except lazily updated embedding tables of more than LAZY_ROWS_PER_BATCH x
+    batch_size rows.
 
-    Fused Adam updates every tensor in one kernel, but it reads and writes a whole table at every
+    Fused AdamW updates every tensor in one kernel, but it reads and writes a whole table at every
     step, so its step grows with the table (ml-20m's 138,493 users against ml-100k's 943: measured
-    in docs/scale.md). A large table is switched to
-    sparse gradients and LazyAdam, which moves only the rows a batch touched. A small one stays
-    dense (LazyAdam's bookkeeping costs more than it saves there, and dense Adam also moves the
-    rows a batch missed, by their momentum).
+    in docs/scale.md). A large table is switched to sparse gradients and LazyAdam (LazySGD), which
+    moves only the rows a batch touched. A small one stays dense (the lazy bookkeeping costs more
+    than it saves there, and dense Adam also moves the rows a batch missed, by their momentum).
+    Weight decay is decoupled on every path (each weight shrinks by lr x weight_decay per step), so a
+    value means the same whatever the table's size or the batch size.
     """
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"optimizer {kind!r}: expected one of {OPTIMIZERS}")
     tables = [module for module in model.modules()
               if isinstance(module, torch.nn.Embedding) and module.num_embeddings > LAZY_ROWS_PER_BATCH * batch_size
               and model.lazy_tables]  # SASRec's item table is also its output layer: dense
@@ -147,9 +248,14 @@ def make_optimizer(model: Model, lr: float, weight_decay: float, batch_size: int
         table.sparse = True
     lazy = {id(table.weight) for table in tables}
     dense = [p for p in model.parameters() if id(p) not in lazy]
-    optimizers = [torch.optim.Adam(dense, lr=lr, weight_decay=weight_decay, fused=True)] if dense else []
+    optimizers: list[torch.optim.Optimizer] = []
+    if dense:  # SGD's L2 decay is already decoupled: w - lr (g + wd w) = (1 - lr wd) w - lr g
+        optimizers.append(torch.optim.AdamW(dense, lr=lr, weight_decay=weight_decay, fused=True) if kind == "adam"
+                          else torch.optim.SGD(dense, lr=lr, weight_decay=weight_decay))
     if tables:
-        optimizers.append(LazyAdam([table.weight for table in tables], lr=lr, weight_decay=weight_decay))
+        weights = [table.weight for table in tables]
+        optimizers.append(LazyAdam(weights, lr=lr, weight_decay=weight_decay) if kind == "adam"
+                          else LazySGD(weights, lr=lr, weight_decay=weight_decay))
     return _Optimizers(*optimizers)
 
 
@@ -183,7 +289,7 @@ def epoch_chunks(pos_users: torch.Tensor, pos_items: torch.Tensor, sampler: Comp
         yield all_users[shuffle], all_items[shuffle], labels[shuffle]
 
 
-@dataclass
+@dataclasses.dataclass
 class Generators:
     """The training run's random streams: the order of the examples, the negatives, the shuffles."""
 
@@ -226,7 +332,7 @@ def _state_on_cpu(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {key: v.detach().to("cpu", copy=True) for key, v in model.state_dict().items()}
 
 
-def fit(model: Model, train: History | sp.csr_matrix, val: Candidates | None, cfg: FitConfig,
+def fit(model: Model, train: History | sp.csr_matrix, val: Validation | Candidates | None, cfg: FitConfig,
         device: torch.device = torch.device("cpu"), name: str = "model",
         on_epoch: Callable[[int, Model, int], bool] | None = None,
         on_batch: Callable[[], None] | None = None,
@@ -236,8 +342,8 @@ def fit(model: Model, train: History | sp.csr_matrix, val: Candidates | None, cf
     `train` is a History (or a binary CSR, for the models that need no order). The model's `objective`
     says what a batch is and its loss.
 
-    With validation candidates the kept state is the best epoch's; with `val` None (a refit) it is the
-    last. `on_epoch(epoch, model, kept_epoch)`, if given, is called after each epoch; training stops when
+    With validation the kept state is the best epoch's by cfg.select_by (candidates alone: sampled);
+    with `val` None (a refit) it is the last. `on_epoch(epoch, model, kept_epoch)`, if given, is called after each epoch; training stops when
     it returns False. `on_batch()`, if given, is called before each step (it may raise to stop). Every random draw comes from generators of cfg.seed owned by this call (dropout's too), so
     two calls may run at once in two threads and give the same bits as one after the other.
     """
@@ -246,7 +352,11 @@ def fit(model: Model, train: History | sp.csr_matrix, val: Candidates | None, cf
                       seeded_generator(cfg.seed, SHUFFLE_STREAM, device))  # apart: an epoch's pairs don't depend on chunks
     model.to(device)
     model.set_dropout_generator(seeded_generator(cfg.seed, DROPOUT_STREAM, device))  # one stream for all
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.batch_size)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.optimizer)
+    if isinstance(val, Candidates):
+        val = Validation(val)
+    if val is not None and cfg.select_by == "full" and val.full_users is None:
+        raise ValueError("select_by 'full' needs a Validation with full ranking")
     objective = model.objective(train, cfg, device)
     if val is not None:
         model.use_history(train)  # a sequence model scores the validation item from the train sequence
@@ -267,6 +377,7 @@ def fit(model: Model, train: History | sp.csr_matrix, val: Candidates | None, cf
             optimizer.step()
             total += loss.detach()
             count += n
+        optimizer.flush()
         mean_loss = float(total) / max(float(count), 1.0)
         if not math.isfinite(mean_loss):
             raise PipelineError(
@@ -279,13 +390,14 @@ def fit(model: Model, train: History | sp.csr_matrix, val: Candidates | None, cf
             if on_epoch is not None and not on_epoch(epoch, model, epoch):
                 break
             continue
-        hr, nd = evaluate_ranking(model, val, k)
-        curve.append(EpochStats(epoch, mean_loss, hr, nd))
-        if (hr, nd) > best_key:
-            best_key, best_epoch = (hr, nd), epoch
+        row = dataclasses.replace(val.measure(model, k), epoch=epoch, loss=mean_loss)
+        curve.append(row)
+        if row.key(cfg.select_by) > best_key:
+            best_key, best_epoch = row.key(cfg.select_by), epoch
             best_state = _state_on_cpu(model)
-        log.info("%s epoch %d: loss %.4f, val HR@%d %.4f, NDCG@%d %.4f (%.1f s)",
-                 name, epoch, mean_loss, k, hr, k, nd, time.perf_counter() - start)
+        full = "" if math.isnan(row.val_full_hr) else f"; full HR@{k} {row.val_full_hr:.4f}, NDCG {row.val_full_ndcg:.4f}"
+        log.info("%s epoch %d: loss %.4f, val HR@%d %.4f, NDCG@%d %.4f%s (%.1f s)",
+                 name, epoch, mean_loss, k, row.val_hr, k, row.val_ndcg, full, time.perf_counter() - start)
         if on_epoch is not None and not on_epoch(epoch, model, best_epoch):
             break
     if val is None:
@@ -414,7 +526,8 @@ class Refit:
         raise PipelineError(f"{self.name}: the refit on train + validation failed ({what}); no checkpoint was written")
 
 
-def fit_and_refit(make_model: Callable[[bool], Model], train: History, refit_on: History, val: Candidates,
+def fit_and_refit(make_model: Callable[[bool], Model], train: History, refit_on: History,
+                  val: Validation | Candidates,
                   cfg: FitConfig, device: torch.device = torch.device("cpu"), name: str = "model",
                   in_process: bool | None = None,
                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[EpochStats], int]:
@@ -437,12 +550,15 @@ def fit_and_refit(make_model: Callable[[bool], Model], train: History, refit_on:
         refit.close()
 
 
+CURVE_COLUMNS = ("epoch", "loss", "val_hr", "val_ndcg", "val_full_hr", "val_full_ndcg")
+
+
 def curve_csv(curve: list[EpochStats]) -> str:
-    """Return the training curve as CSV text (epoch, loss, val_hr, val_ndcg); loss may be empty."""
+    """Return the training curve as CSV text (CURVE_COLUMNS); a missing value (NaN) is empty."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["epoch", "loss", "val_hr", "val_ndcg"])
+    writer.writerow(CURVE_COLUMNS)
     for row in curve:
-        loss = "" if math.isnan(row.loss) else f"{row.loss:.6f}"
-        writer.writerow([row.epoch, loss, f"{row.val_hr:.6f}", f"{row.val_ndcg:.6f}"])
+        values = [getattr(row, column) for column in CURVE_COLUMNS[1:]]
+        writer.writerow([row.epoch] + ["" if math.isnan(v) else f"{v:.6f}" for v in values])
     return buf.getvalue()

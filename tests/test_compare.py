@@ -1,8 +1,10 @@
 """`python -m pipeline.compare A B` on real DVC experiments, in a temporary repo on the tiny dataset.
 
 The printed HR@K and NDCG@K of each side must be the sides' metrics/test.json values, and B - A
-their difference; a side of several runs pools them per user (its value is the mean of the runs');
-sides scored on other test users or candidates are refused in one line.
+their difference; a side of several runs (seeds, matched in order) shows the mean of its runs and
+tests with the seeds as replicates: 3 seeds of one configuration against 3 other seeds of it, run
+by DVC's own sweep (`dvc exp run --queue -S 'seed=range(1,7)'`), read "indistinguishable". Sides
+scored on other test users or candidates are refused in one line.
 """
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ import pytest
 
 from dvc_project import DVC, dvc_env, make_project, restore, run
 
-MODELS = ["itempop", "mlp", "ease"]  # models: [ease], fused: []: cheap, and a closed-form model beside the MLP
-LABELS = {"itempop": "ItemPop", "mlp": "MLP", "ease": "EASE"}
+MODELS = ["itempop", "mlp", "mf"]  # models: [mf], fused: []: cheap (2 epochs each)
+LABELS = {"itempop": "ItemPop", "mlp": "MLP", "mf": "MF"}
+SEEDS = [f"seeds-{i}" for i in range(1, 7)]  # `dvc exp run --queue -n seeds -S 'seed=range(1,7)'`
 EXPERIMENTS = {  # name -> `dvc exp run` settings
     "lr01": "-S lr=0.01",
     "s1": "-S seed=1",
@@ -28,7 +31,8 @@ EXPERIMENTS = {  # name -> `dvc exp run` settings
 }
 TOL = 1e-4  # the printout has 4 decimals
 ROW = re.compile(r"^(\w+)\s+(HR|NDCG)@(\d+)\s+(\d\.\d{4})\s+(\d\.\d{4})\s+([+-]\d\.\d{4}) \[([+-]\d\.\d{4}), "
-                 r"([+-]\d\.\d{4})\]\s+(\S+)\s+(.+)$")
+                 r"([+-]\d\.\d{4})\]\s+(\S+)(?:\s+(\d\.\d{3})/(\d\.\d{3}))?\s+(.+)$")
+VERDICTS = ("indistinguishable", "B higher", "B lower", "the same for every user")
 
 
 @pytest.fixture(scope="module")
@@ -39,17 +43,20 @@ def env(tiny_mirror) -> dict:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, env) -> SimpleNamespace:
     """main: the pipeline reproduced and committed; then one DVC experiment per EXPERIMENTS entry."""
-    root = make_project(tmp_path_factory.mktemp("compare") / "repo", env, models=["ease"], fused=[])
+    root = make_project(tmp_path_factory.mktemp("compare") / "repo", env, models=["mf"], fused=[])
     run(f"{DVC} repro", root, env)
     run("git add -A && git commit -q -m results", root, env)
     for name, settings in EXPERIMENTS.items():
         restore(root, env)
         run(f"{DVC} exp run -n {name} {settings}", root, env)
     restore(root, env)
+    run(f"{DVC} exp run --queue -n seeds -S 'seed=range(1,7)'", root, env)  # as docs/experiments.md shows
+    run(f"{DVC} exp run --run-all", root, env, timeout=1200)
+    restore(root, env)
     shown = json.loads(run(f"{DVC} exp show --json", root, env, stdout_only=True))
     metrics = {e["name"]: e["revs"][0]["data"]["metrics"]["metrics/test.json"]["data"]
                for rev in shown for e in (rev.get("experiments") or [])}
-    assert set(EXPERIMENTS) <= set(metrics), list(metrics)
+    assert set(EXPERIMENTS) | set(SEEDS) <= set(metrics), list(metrics)
     metrics["main"] = json.loads(run("git show main:metrics/test.json", root, env, stdout_only=True))
     return SimpleNamespace(root=root, metrics=metrics)
 
@@ -60,7 +67,7 @@ def compare(root: Path, env: dict, *sides: str) -> subprocess.CompletedProcess:
 
 
 def parse(out: str) -> dict[tuple[str, str, str], dict]:
-    """{(protocol, model, metric): {a, b, diff, lo, hi, p, verdict}} from compare's printout."""
+    """{(protocol, model, metric): {a, b, diff, lo, hi, p, sd, verdict}} from compare's printout (p: adjusted)."""
     rows, protocol = {}, None
     for line in out.splitlines():
         if line in ("sampled candidates", "full ranking"):
@@ -69,11 +76,11 @@ def parse(out: str) -> dict[tuple[str, str, str], dict]:
         match = ROW.match(line)
         if match:
             assert protocol, out
-            label, metric, k, a, b, diff, lo, hi, p, verdict = match.groups()
+            label, metric, k, a, b, diff, lo, hi, p, sd_a, sd_b, verdict = match.groups()
             model = next(m for m, name in LABELS.items() if name == label)
-            rows[protocol, model, metric.lower()] = {"k": int(k), "a": float(a), "b": float(b), "diff": float(diff),
-                                                     "lo": float(lo), "hi": float(hi), "p": float(p),
-                                                     "verdict": verdict}
+            rows[protocol, model, metric.lower()] = {
+                "k": int(k), "a": float(a), "b": float(b), "diff": float(diff), "lo": float(lo), "hi": float(hi),
+                "p": float(p), "sd": None if sd_a is None else (float(sd_a), float(sd_b)), "verdict": verdict}
     return rows
 
 
@@ -92,13 +99,13 @@ def check_rows(rows: dict, a: dict, b: dict) -> None:
         assert row["b"] == pytest.approx(vb, abs=TOL), (protocol, model, metric, row, vb)
         assert row["diff"] == pytest.approx(vb - va, abs=TOL), (protocol, model, metric, row, vb - va)
         assert row["lo"] <= row["diff"] <= row["hi"] and 0 <= row["p"] <= 1, row
-        assert row["verdict"] in ("indistinguishable at 95%", "B higher at 95%", "B lower at 95%",
-                                  "the same for every user"), row
+        assert row["verdict"] in VERDICTS, row
         if row["verdict"] == "the same for every user":  # identical per-user outcomes on both sides
             assert (row["diff"], row["lo"], row["hi"], row["p"]) == (0, 0, 0, 1), row
-        elif row["lo"] > 0 or row["hi"] < 0 or row["lo"] < 0 < row["hi"]:  # (a printed bound of 0 may be either)
-            side = "B higher" if row["lo"] > 0 else "B lower" if row["hi"] < 0 else "indistinguishable"
-            assert row["verdict"] == f"{side} at 95%", row
+        elif row["verdict"] == "indistinguishable":  # read by the Holm-adjusted p-value
+            assert row["p"] >= 0.05, row
+        else:
+            assert row["p"] < 0.05 and (row["diff"] > 0) == (row["verdict"] == "B higher"), row
 
 
 def test_deltas_are_the_differences_of_the_two_runs_metrics(project, env) -> None:
@@ -131,21 +138,41 @@ def test_workspace_side(project, env) -> None:
     assert all(row["diff"] == 0 for row in parse(proc.stdout).values()), proc.stdout
 
 
-def test_pooled_side_is_the_mean_of_its_runs(project, env) -> None:
-    proc = compare(project.root, env, "main", "s1,s2")
+def mean_of(runs: list[dict]) -> dict:
+    """The test.json of the runs' mean (what a side of several runs shows)."""
+    def mean(get):
+        return sum(get(r) for r in runs) / len(runs)
+    return {"k": runs[0]["k"], **{m: {key: mean(lambda r: r[m][key]) for key in ("hr", "ndcg")} | {"full": {
+        key: mean(lambda r: r[m]["full"][key]) for key in ("hr", "ndcg")}} for m in MODELS}}
+
+
+def test_seeds_against_other_seeds_of_one_configuration_read_indistinguishable(project, env) -> None:
+    a, b = SEEDS[:3], SEEDS[3:]
+    proc = compare(project.root, env, ",".join(a), ",".join(b))
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("A = main\nB = s1,s2 (pooled)\n"), proc.stdout
-    s1, s2 = project.metrics["s1"], project.metrics["s2"]
-    # The pooled value is the mean over users of each user's mean over the runs: the runs' mean.
-    pooled = {"k": s1["k"], **{m: {key: (s1[m][key] + s2[m][key]) / 2 for key in ("hr", "ndcg")} | {"full": {
-        key: (s1[m]["full"][key] + s2[m]["full"][key]) / 2 for key in ("hr", "ndcg")}} for m in MODELS}}
+    assert proc.stdout.startswith(f"A = {','.join(a)} (3 runs)\nB = {','.join(b)} (3 runs)\n"), proc.stdout
+    assert "seeds are replicates" in proc.stdout, proc.stdout
     rows = parse(proc.stdout)
-    check_rows(rows, project.metrics["main"], pooled)
-    assert s1["mlp"] != s2["mlp"], (s1, s2)  # the seeds really differ, so the mean is a real check
-    # Pooled on both sides, in either order of the runs.
-    proc = compare(project.root, env, "s2,s1", "s1,s2")
+    metrics = project.metrics
+    check_rows(rows, mean_of([metrics[s] for s in a]), mean_of([metrics[s] for s in b]))
+    assert {row["verdict"] for row in rows.values()} <= {"indistinguishable", "the same for every user"}, proc.stdout
+    for (protocol, model, metric), row in rows.items():
+        assert row["sd"] is not None, row
+        if model == "itempop":  # no seed in ItemPop: no spread, and the same for every user
+            assert row["sd"] == (0, 0) and row["verdict"] == "the same for every user", row
+    assert any(row["sd"][0] > 0 for key, row in rows.items() if key[1] == "mlp"), proc.stdout  # seeds do vary
+    assert metrics[SEEDS[0]]["mlp"] != metrics[SEEDS[1]]["mlp"]
+
+
+def test_matched_runs_in_either_order(project, env) -> None:
+    proc = compare(project.root, env, "s2,s1", "s1,s2")  # x = s1 - s2 and s2 - s1: their mean is 0
     assert proc.returncode == 0, proc.stderr
     assert all(row["diff"] == 0 for row in parse(proc.stdout).values()), proc.stdout
+
+
+def test_sides_of_other_run_counts_are_refused(project, env) -> None:
+    error = one_line_error(compare(project.root, env, "main", "s1,s2"))
+    assert "cannot compare a side of 1 run(s) with one of 2" in error and "same number of runs" in error, error
 
 
 def one_line_error(proc: subprocess.CompletedProcess) -> str:

@@ -73,7 +73,7 @@ def check_training_outputs(root: Path, models: list[str], params: dict) -> None:
             state = torch.load(root / path, weights_only=True)
             assert state and all(isinstance(v, torch.Tensor) for v in state.values()), path
         curve = (root / f"metrics/training/{model}.csv").read_text().splitlines()
-        assert curve[0] == "epoch,loss,val_hr,val_ndcg", curve
+        assert curve[0] == "epoch,loss,val_hr,val_ndcg,val_full_hr,val_full_ndcg", curve
         epochs = params["epochs"] if model == "mlp" else params[model]["epochs"] if model in NEURAL else 1
         assert len(curve) == 1 + epochs, (model, curve)
         summary = json.loads((root / f"metrics/training/{model}.json").read_text())

@@ -273,7 +273,7 @@ def test_section_fields_convert_like_top_level_keys(base):
 
 def test_neumf_section_has_only_its_training_knobs(base):
     params = validate(base)
-    assert set(params["neumf"]) == {"dropout", "lr", "weight_decay", "epochs", "batch_size", "negatives"}
+    assert set(params["neumf"]) == {"dropout", "lr", "weight_decay", "epochs", "batch_size", "negatives", "optimizer"}
     for old in ("factors", "layers", "pretrain"):  # NeuMF is always built from the GMF and MLP checkpoints
         raw = with_(base)
         raw["neumf"] = {**raw["neumf"], old: 8}
@@ -391,3 +391,16 @@ def test_bad_refit_and_candidate_seed(base, key, value):
 def test_candidate_seed_is_independent_of_seed(base):
     params = validate(with_(base, seed=1, candidate_seed="7"))
     assert (params["seed"], params["candidate_seed"]) == (1, 7)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("select_by", "ful", "params.yaml: 'select_by' must be one of 'sampled', 'full', got 'ful'"),
+    ("neumf.optimizer", "rmsprop", "params.yaml: 'neumf.optimizer' must be one of 'adam', 'sgd', got 'rmsprop'"),
+])
+def test_select_by_and_the_optimizer_are_one_line_errors(base, key, value, message):
+    raw = copy.deepcopy(base)
+    *section, last = key.split(".")
+    (raw[section[0]] if section else raw)[last] = value
+    with pytest.raises(PipelineError) as err:
+        validate(raw, "params.yaml")
+    assert str(err.value) == message

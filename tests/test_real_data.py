@@ -89,4 +89,7 @@ def test_pipeline_on_ml100k(tmp_path: Path) -> None:
     for model in MODELS:
         hr = bars["models"][model]["sampled"]["hr"]
         assert hr["mean"] == metrics[model]["hr"] and 0.02 < hr["hi"] - hr["lo"] < 0.08  # about ± 0.03 at 943 users
-    assert bars["models"]["ease"]["sampled"]["vs_itempop"]["hr"]["verdict"] == "higher at 95%"
+    vs_itempop = bars["models"]["ease"]["sampled"]["vs_itempop"]
+    assert vs_itempop["comparisons"] == 2 and vs_itempop["hr"]["verdict"] == "higher"
+    assert vs_itempop["hr"]["p_adjusted"] < 1e-10  # EASE is far above ItemPop, even after Holm
+    assert set(bars["reference"]) == {"sampled", "full"} and bars["reference"]["sampled"] in MODELS

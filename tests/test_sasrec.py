@@ -169,3 +169,34 @@ def test_sasrec_is_in_the_registry_and_round_trips() -> None:
         SASRec.from_state({"item_embedding.weight": torch.zeros(3, 2)}, history)
     with pytest.raises(ValueError, match="multiple of heads"):
         SASRec(10, 4, hidden=10, blocks=1, heads=3)
+
+
+@pytest.mark.parametrize("loss", ["ce", "bce"])
+def test_no_loss_is_taken_where_the_input_is_padding(loss, monkeypatch) -> None:
+    """Whatever the states at padding inputs hold (the final norm's bias, or anything else), every loss
+    value is the same: no position is predicted from padding. Short users have such a position: the
+    one before their first item, whose target is that (real) item."""
+    from pipeline.models.sasrec import SequenceObjective
+
+    n_items = 20
+    train = history_of([[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [7, 8]], n_items)
+    model = random_model(n_items=n_items, max_len=6).train()
+    model.loss = loss
+    cfg = FitConfig(seed=0, lr=0.01, weight_decay=0.0, epochs=1, batch_size=8, negatives=1, topK=1)
+    objective = SequenceObjective(model, train, cfg, torch.device("cpu"))
+    gens = type("Gens", (), {"order": torch.Generator().manual_seed(0), "negative": torch.Generator().manual_seed(1)})
+    batch = next(objective.batches(gens))
+    inputs, targets = batch[0], batch[1]
+    assert ((inputs == n_items) & (targets != n_items)).any()  # the case at stake is in the batch
+    base_loss, base_count = objective.loss(batch)
+    encode = SASRec.encode
+
+    def scrambled(self, items):
+        states = encode(self, items)
+        noise = torch.randn(states.shape, generator=torch.Generator().manual_seed(5)) * 100
+        return torch.where((items == n_items)[..., None], noise, states)
+
+    monkeypatch.setattr(SASRec, "encode", scrambled)
+    loss_value, count = objective.loss(batch)
+    assert int(count) == int(base_count) == int(((inputs != n_items) & (targets != n_items)).sum())
+    torch.testing.assert_close(loss_value, base_loss)

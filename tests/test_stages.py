@@ -137,10 +137,14 @@ def test_itempop_counts_train_interactions(prepared: Path, refit: bool) -> None:
     assert state["counts"].tolist() == np.asarray(seen.sum(axis=0)).ravel().astype(int).tolist()
     assert int(state["counts"].sum()) == split.train.nnz + (len(split.val_users) if refit else 0)
     curve = (prepared / "metrics/training/itempop.csv").read_text().splitlines()
-    assert curve[0] == "epoch,loss,val_hr,val_ndcg" and len(curve) == 2 and curve[1].startswith("1,,")
+    assert curve[0] == "epoch,loss,val_hr,val_ndcg,val_full_hr,val_full_ndcg" and len(curve) == 2
+    assert curve[1].startswith("1,,")
     summary = json.loads((prepared / "metrics/training/itempop.json").read_text())
-    val_hr, val_ndcg = (float(v) for v in curve[1].split(",")[2:])
-    assert summary == {"best_epoch": 1, "val_hr": round(val_hr, 6), "val_ndcg": round(val_ndcg, 6), "refit": refit}
+    val_hr, val_ndcg, full_hr, full_ndcg = (float(v) for v in curve[1].split(",")[2:])
+    assert summary == {"best_epoch": 1, "select_by": "sampled", "val_hr": round(val_hr, 6),
+                       "val_ndcg": round(val_ndcg, 6), "val_full_hr": round(full_hr, 6),
+                       "val_full_ndcg": round(full_ndcg, 6), "refit": refit}
+    assert 0 < full_hr < val_hr  # full ranking: more competitors, fewer hits
     assert 0 < summary["val_hr"] < 1
 
 
@@ -175,7 +179,8 @@ def test_mlp_stage_then_evaluate(prepared: Path) -> None:
     assert sorted(p.name for p in models.iterdir()) == ["itempop.pt", "itempop.trainonly.pt", "mlp.pt",
                                                         "mlp.trainonly.pt"]
     summary = json.loads((prepared / "metrics/training/mlp.json").read_text())
-    assert set(summary) == {"best_epoch", "val_hr", "val_ndcg", "refit"} and summary["refit"] is True
+    assert set(summary) == {"best_epoch", "select_by", "val_hr", "val_ndcg", "val_full_hr", "val_full_ndcg",
+                            "refit"} and summary["refit"] is True and summary["select_by"] == "sampled"
     curve = (prepared / "metrics/training/mlp.csv").read_text().splitlines()
     assert len(curve) == 1 + 3
     row = curve[summary["best_epoch"]].split(",")
@@ -201,6 +206,15 @@ def test_mlp_stage_then_evaluate(prepared: Path) -> None:
     assert bars["models"]["itempop"]["sampled"]["hr"]["mean"] == metrics["itempop"]["hr"]
     assert bars["models"]["mlp"]["full"]["ndcg"]["mean"] == metrics["mlp"]["full"]["ndcg"]
     assert "vs_itempop" in bars["models"]["mlp"]["sampled"]
+    # the reference of each protocol: the better by validation HR of the train-only checkpoints
+    val_hr = {name: json.loads((prepared / f"metrics/training/{name}.json").read_text()) for name in ("itempop", "mlp")}
+    for protocol, key in (("sampled", "val_hr"), ("full", "val_full_hr")):
+        assert {n: bars["validation"][n][protocol]["hr"] for n in val_hr} == {n: s[key] for n, s in val_hr.items()}
+        best = max(val_hr, key=lambda n: (val_hr[n][key], val_hr[n][key.replace("hr", "ndcg")]))
+        assert bars["reference"][protocol] == best
+        other = "mlp" if best == "itempop" else "itempop"
+        entry = bars["models"][other][protocol]["vs_reference"]
+        assert entry["model"] == best and entry["comparisons"] == 1 and entry["hr"]["p_adjusted"] == entry["hr"]["p"]
     assert sorted(p.name for p in (prepared / "metrics/hr_at_k").iterdir()) == ["itempop.csv", "mlp.csv"]
     hr_at_k = (prepared / "metrics/hr_at_k/mlp.csv").read_text().splitlines()
     assert hr_at_k[0] == "k,hr" and len(hr_at_k) == 21
@@ -221,7 +235,7 @@ def test_neumf_needs_the_gmf_and_mlp_checkpoints(prepared: Path) -> None:
 # --- full ranking of a seeded sample of test users (full_rank_users) ------------------------------
 
 def test_full_rank_sample_is_seeded_sorted_and_all_when_small() -> None:
-    from pipeline.evaluate import full_rank_sample
+    from pipeline.metrics import full_rank_sample
     sample = full_rank_sample(1000, 100, seed=5)
     assert len(sample) == 100 == len(np.unique(sample)) and np.all(np.diff(sample) > 0)
     assert 0 <= sample.min() and sample.max() < 1000

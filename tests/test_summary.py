@@ -31,7 +31,11 @@ def simulated_results(n_users: int, k: int, seed: int = 0) -> tuple[dict, dict]:
         p = 0.05 + 0.02 * skill
         all_ranks[name] = {"sampled": rng.geometric(p, n_users) - 1, "full": rng.geometric(p / 8, n_users) - 1}
     metrics = {"k": k, **{name: point_metrics(r, k) for name, r in all_ranks.items()}}
-    return json.loads(json.dumps(metrics)), json.loads(json.dumps(intervals(all_ranks, k)))  # as read from disk
+    # validation: another ordering than the test's, so that the reference is visibly not the test's best
+    validation = {name: {p: {"hr": float(rng.random()), "ndcg": 0.1} for p in ("sampled", "full")}
+                  for name in MODEL_NAMES}
+    return (json.loads(json.dumps(metrics)),  # as read from disk
+            json.loads(json.dumps(intervals(all_ranks, k, validation))))
 
 
 @pytest.mark.parametrize("n_users, k", [(943, 10), (6_040, 10), (138_493, 20), (50, 1), (943, 100)])
@@ -58,9 +62,9 @@ def test_terminal_table_fits_100_columns_and_shows_test_json(n_users, k):
         if k in (10, 20):  # real-looking intervals, not zeros
             assert all(v > 0 for v in half), half
     assert f"{n_users:,} test users" in text
-    best = bars["best"]
-    assert f"Best by HR@{k}: {label(best['sampled'])} (sampled candidates), {label(best['full'])} (full ranking)." \
-        in text
+    ref = bars["reference"]
+    assert (f"Reference, best by validation HR@{k}: {label(ref['sampled'])} (sampled candidates), "
+            f"{label(ref['full'])} (full ranking).") in text
 
 
 def test_intervals_agree_with_test_json():

@@ -28,7 +28,7 @@ from pipeline.models.mlp import MLP
 from pipeline.models.neumf import NeuMF
 from pipeline.sampling import ComplementSampler
 from pipeline.train import build, checkpoint_paths, save_checkpoint, train_closed_form, train_neural
-from pipeline.training import (CHUNK_PAIRS, EpochStats, FitConfig, curve_csv, epoch_chunks,
+from pipeline.training import (CHUNK_PAIRS, EpochStats, FitConfig, Validation, curve_csv, epoch_chunks,
                                evaluate_ranking, fit, fit_and_refit, make_optimizer, positives,
                                seeded_generator)
 
@@ -157,6 +157,38 @@ def test_kept_state_is_the_earliest_best_epochs(monkeypatch):
         assert torch.equal(value, snapshots[2][key]), key
     # the model itself was trained on to the last epoch
     assert not torch.equal(model.state_dict()["user_embedding.weight"], state["user_embedding.weight"])
+
+
+@pytest.mark.parametrize("select_by, best", [("sampled", 2), ("full", 3)])
+def test_select_by_names_the_protocol_that_picks_the_epoch(monkeypatch, select_by, best):
+    """Scripted validation: sampled HR peaks at epoch 2, full-ranking HR at epoch 3."""
+    sampled, full = [0.5, 0.9, 0.6, 0.4], [0.3, 0.1, 0.4, 0.2]
+    calls = []
+
+    def scripted(self, model, k):
+        calls.append(k)
+        i = len(calls) - 1
+        return EpochStats(0, math.nan, sampled[i], 0.1, full[i], 0.05)
+
+    monkeypatch.setattr(Validation, "measure", scripted)
+    train_csr, val, _ = planted_problem(20, 16)
+    checker = Validation.of(val, train_csr, 0, 0)
+    cfg = FitConfig(**{**vars(TOY), "epochs": 4, "select_by": select_by})
+    _, curve, best_epoch = fit(seeded_mlp(0, n_users=20, n_items=16), train_csr, checker, cfg)
+    assert best_epoch == best and [row.val_full_hr for row in curve] == full
+
+
+def test_full_validation_ranks_every_unseen_item():
+    """Validation.measure's full protocol equals full_ranks of the validation item against train."""
+    from pipeline.metrics import full_ranks
+    train_csr, val, _ = planted_problem(20, 16)
+    model = seeded_mlp(0, n_users=20, n_items=16)
+    row = Validation.of(val, train_csr, 0, 0).measure(model, 3)
+    ranks = full_ranks(model.score_all, val.users, val.items[:, 0], train_csr)
+    assert (row.val_full_hr, row.val_full_ndcg) == pytest.approx((np.mean(ranks < 3), np.mean(
+        np.where(ranks < 3, 1 / np.log2(ranks + 2), 0))))
+    assert Validation.of(val, train_csr, 5, 0).full_users.tolist() != list(range(20))  # a seeded sample of 5
+    assert len(Validation.of(val, train_csr, 5, 0).full_users) == 5
 
 
 @pytest.mark.parametrize("name", ["gmf", "mf", "mlp", "neumf"])  # SASRec's: test_sasrec.py
@@ -462,8 +494,9 @@ def test_the_chunk_size_does_not_change_a_one_chunk_fit():
 
 
 def test_curve_csv():
-    text = curve_csv([EpochStats(1, 0.6931, 0.25, 0.125), EpochStats(2, math.nan, 1.0, 1 / 3)])
-    assert text == "epoch,loss,val_hr,val_ndcg\n1,0.693100,0.250000,0.125000\n2,,1.000000,0.333333\n"
+    text = curve_csv([EpochStats(1, 0.6931, 0.25, 0.125, 0.05, 0.02), EpochStats(2, math.nan, 1.0, 1 / 3)])
+    assert text == ("epoch,loss,val_hr,val_ndcg,val_full_hr,val_full_ndcg\n1,0.693100,0.250000,0.125000,0.050000,"
+                    "0.020000\n2,,1.000000,0.333333,,\n")
 
 
 def test_make_optimizer_is_fused_adam_over_every_parameter_of_small_tables():
@@ -487,12 +520,12 @@ def test_make_optimizer_updates_large_tables_lazily():
     assert sum(len(g["params"]) for g in adam.param_groups) == len(list(model.parameters())) - 1
 
 
-def test_lazy_adam_equals_adam_where_every_row_is_touched():
-    """With a gradient on every row at every step, LazyAdam is Adam (with L2 weight decay)."""
+def test_lazy_adam_equals_adamw_where_every_row_is_touched():
+    """With a gradient on every row at every step, LazyAdam is AdamW (decoupled weight decay)."""
     torch.manual_seed(0)
     dense_table, lazy_table = torch.nn.Embedding(6, 3), torch.nn.Embedding(6, 3, sparse=True)
     lazy_table.load_state_dict(dense_table.state_dict())
-    adam = torch.optim.Adam(dense_table.parameters(), lr=0.05, weight_decay=0.01)
+    adam = torch.optim.AdamW(dense_table.parameters(), lr=0.05, weight_decay=0.01)
     lazy = training.LazyAdam(lazy_table.parameters(), lr=0.05, weight_decay=0.01)
     rows = torch.tensor([0, 1, 2, 3, 4, 5, 2, 5])  # repeated rows: their gradients add up
     target = torch.randn(8, 3)
@@ -504,7 +537,7 @@ def test_lazy_adam_equals_adam_where_every_row_is_touched():
     torch.testing.assert_close(lazy_table.weight, dense_table.weight, rtol=1e-6, atol=1e-6)
 
 
-def test_lazy_adam_leaves_untouched_rows_alone():
+def test_lazy_adam_leaves_untouched_rows_alone_but_for_the_decay():
     torch.manual_seed(0)
     table = torch.nn.Embedding(10, 3, sparse=True)
     before = table.weight.detach().clone()
@@ -513,9 +546,41 @@ def test_lazy_adam_leaves_untouched_rows_alone():
         opt.zero_grad()
         table(torch.tensor([1, 4])).sum().backward()
         opt.step()
-    moved = (table.weight != before).any(dim=1)
-    assert moved.tolist() == [i in (1, 4) for i in range(10)]
+    untouched = [i not in (1, 4) for i in range(10)]
+    torch.testing.assert_close(table.weight[untouched], before[untouched])  # their decay is pending
+    opt.flush()
+    torch.testing.assert_close(table.weight[untouched], before[untouched] * (1 - 0.1 * 0.1) ** 3)
     assert not opt.state[table.weight]["exp_avg"][[0, 2, 3, 5]].any()
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_weight_decay_means_the_same_on_the_dense_and_the_lazy_path(kind):
+    """The same model, value and batches: a table updated densely (fused AdamW / SGD) and lazily
+    (LazyAdam / LazySGD) regularise alike. Rows no batch touches shrink by exactly (1 - lr wd) per
+    step on both paths; with plain SGD (no momentum to tell the paths apart) every weight agrees."""
+    torch.manual_seed(0)
+    dense, lazy = seeded_mlp(0, layers=[8, 4], n_users=40, n_items=30), seeded_mlp(0, layers=[8, 4], n_users=40, n_items=30)
+    opt_dense = make_optimizer(dense, 0.05, 0.2, batch_size=100, kind=kind)  # 40 rows <= 8 x 100: dense
+    opt_lazy = make_optimizer(lazy, 0.05, 0.2, batch_size=2, kind=kind)  # 40 rows > 8 x 2: lazy
+    assert lazy.user_embedding.sparse and not dense.user_embedding.sparse
+    before = dense.user_embedding.weight.detach().clone()
+    users, items = torch.randint(0, 20, (64,)), torch.randint(0, 30, (64,))  # users 20..39 never train
+    labels = (torch.rand(64) < 0.5).float()
+    steps = 5
+    for model, opt in ((dense, opt_dense), (lazy, opt_lazy)):
+        for step in range(steps):
+            lo = 16 * (step % 4)
+            opt.zero_grad()
+            torch.nn.functional.binary_cross_entropy_with_logits(model(users[lo:lo + 16], items[lo:lo + 16]),
+                                                                 labels[lo:lo + 16]).backward()
+            opt.step()
+        opt.flush()
+    shrunk = before[20:] * (1 - 0.05 * 0.2) ** steps
+    for model in (dense, lazy):
+        torch.testing.assert_close(model.user_embedding.weight[20:], shrunk)
+    if kind == "sgd":
+        for key, value in dense.state_dict().items():
+            torch.testing.assert_close(lazy.state_dict()[key], value)
 
 
 def test_pick_device():
@@ -720,7 +785,7 @@ def test_dropout_is_deterministic_whatever_the_global_generator():
 def stage_params(refit: bool = True) -> dict:
     loop = {"lr": 0.01, "weight_decay": 0.0, "epochs": 3, "batch_size": 64, "negatives": 2}
     return {
-        "seed": 3, "topK": 1, "refit": refit,
+        "seed": 3, "topK": 1, "refit": refit, "select_by": "sampled",
         **loop, "layers": [8, 4], "dropout": 0.1,  # the MLP's: top-level keys
         "gmf": {**loop, "factors": 4},
         "mf": {**loop, "factors": 4},
@@ -730,11 +795,12 @@ def stage_params(refit: bool = True) -> dict:
     }
 
 
-def stage_split() -> tuple[Split, Candidates]:
+def stage_split() -> tuple[Split, Validation]:
     train_csr, val, test = planted_problem(20, 16)
     # time order within each user: the train items in reverse id order (any fixed order will do)
     order = np.concatenate([train_csr.indices[lo:hi][::-1] for lo, hi in zip(train_csr.indptr, train_csr.indptr[1:])])
-    return Split(train_csr, val.users, val.items[:, 0], np.arange(20), test, train_order=order), val
+    split = Split(train_csr, val.users, val.items[:, 0], np.arange(20), test, train_order=order)
+    return split, Validation.of(val, train_csr, 0, 0)
 
 
 def train_sources(split: Split, val: Candidates, params: dict, models_dir) -> None:
@@ -756,7 +822,9 @@ def test_train_neural_equals_its_parts(name, refit, tmp_path):
     state, train_only, curve, best = train_neural(name, split, val, params, CPU, tmp_path)
     assert len(curve) == 3 and 1 <= best <= 3
     model = get(name).from_state(train_only, split.history(val=False))
-    assert evaluate_ranking(model, val, 1) == pytest.approx((curve[best - 1].val_hr, curve[best - 1].val_ndcg))
+    assert evaluate_ranking(model, val.sampled, 1) == pytest.approx((curve[best - 1].val_hr, curve[best - 1].val_ndcg))
+    measured = val.measure(model, 1)  # both protocols of the kept epoch, as the curve has them
+    assert (measured.val_full_hr, measured.val_full_ndcg) == pytest.approx(curve[best - 1].key("full"))
     section = params[name] if name != "mlp" else params
     cfg = FitConfig.from_section(section, params["seed"], params["topK"])
     # the validated run: a plain fit of the freshly built (train-only sources') model

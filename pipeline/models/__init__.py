@@ -108,6 +108,14 @@ def label(name: str) -> str:
     return get(name).label if name in list_models() else name
 
 
+TRAIN_ONLY = "trainonly"  # MODEL.trainonly.pt: the validation-chosen model, trained on train only
+
+
+def checkpoint_paths(models_dir: Path, name: str) -> tuple[Path, Path]:
+    """(the test-time checkpoint, the train-only one) of model `name`."""
+    return models_dir / f"{name}.pt", models_dir / f"{name}.{TRAIN_ONLY}.pt"
+
+
 def load_state(name: str, path: Path) -> dict[str, "torch.Tensor"]:
     """Read a checkpoint written by a train stage (tensors only: torch.load(weights_only=True))."""
     import torch

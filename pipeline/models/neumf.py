@@ -9,7 +9,7 @@ from torch import nn
 from pipeline.models._neural import PairScorer, tower_widths
 from pipeline.models.gmf import GMF
 from pipeline.models.mlp import MLP
-from pipeline.params import DROPOUT, LOOP
+from pipeline.params import DROPOUT, LOOP, Spec
 
 
 class NeuMF(PairScorer):
@@ -17,7 +17,9 @@ class NeuMF(PairScorer):
 
     label = "NeuMF"
     fused_from = ("gmf", "mlp")
-    params = {"dropout": DROPOUT, **LOOP}
+    params = {"dropout": DROPOUT, **LOOP,
+              "optimizer": Spec("choice", choices=("adam", "sgd"), doc="fine-tuning: adam (AdamW, fresh moments) "
+                                                                      "or sgd (plain SGD, the NCF paper's recipe)")}
 
     @classmethod
     def from_sources(cls, sources: list, section: dict) -> "NeuMF":

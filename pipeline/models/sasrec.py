@@ -4,8 +4,9 @@ A user is their last `max_len` items in time order, left-padded. Item embeddings
 plus learned position embeddings go through `blocks` pre-norm Transformer blocks whose attention
 sees only earlier positions (and never padding); the output at a position is compared with every
 item's embedding (the same table: tied weights) to score what comes next. Trained on each train
-sequence to predict, at every position, the next item: by full softmax cross-entropy (`loss: ce`,
-which Klenitskiy and Vasilev, RecSys 2023, found clearly better) or, as in the paper, binary
+sequence to predict, at every position that holds an item (never from padding), the next item: by
+full softmax cross-entropy (`loss: ce`, which Klenitskiy and Vasilev, RecSys 2023, found clearly
+better) or, as in the paper, binary
 cross-entropy against one sampled negative per position (`loss: bce`). To score a user it reads
 their History: the validation item from the train sequence, the test item from the train sequence
 plus the validation item, recommendations from everything.
@@ -238,7 +239,10 @@ class SequenceObjective:
         model = self.model
         inputs, targets = batch[0], batch[1]
         states = model.encode(inputs)
-        mask = targets != model.n_items
+        # A position is predicted only from a real item: where the input is padding (before a short
+        # sequence's first item) the state is the final norm's bias alone, and a loss there would
+        # teach it a "popular first item" prior that is added at every position.
+        mask = (targets != model.n_items) & (inputs != model.n_items)
         if self.sampler is None:
             logits = states[mask] @ model.item_embedding.weight[:model.n_items].T
             return nn.functional.cross_entropy(logits, targets[mask], reduction="sum"), mask.sum()
