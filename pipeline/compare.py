@@ -11,7 +11,8 @@ every model present on both sides it prints HR@K and NDCG@K of each side, their 
 by the exact McNemar test, NDCG by the paired t-test, over users. Several runs a side (the same
 number): run i of A is matched with run i of B and the seeds are replicates, so the test counts how
 seeds vary as well as users (pipeline.stats.replicated), and each side's spread over its runs is
-shown. Within each protocol and metric the models' p-values are Holm-adjusted. Both sides must
+shown. Within each protocol and metric the models' p-values are Holm-adjusted (a model whose outcomes
+are the same for every user on both sides cannot differ, and is left out of the family). Both sides must
 score the same test users against the same candidates (same dataset, `candidate_seed` and
 `test_negatives`): otherwise it refuses in one line.
 """
@@ -135,14 +136,19 @@ def compare(a: list[Run], b: list[Run]) -> tuple[list[str], list[dict]]:
                                     "(another full_rank_users)")
             values[model] = side_values(a, model, protocol, k, users), side_values(b, model, protocol, k, users)
         for metric in ("hr", "ndcg"):
-            family = adjust({model: difference(va[metric], vb[metric], metric) for model, (va, vb) in values.items()})
-            for model, diff in family.items():
+            # A model whose outcomes are the same for every user on both sides cannot differ (p = 1 whatever
+            # the data): it is left out of the family, as Tarone's rule for discrete tests allows.
+            same = {model: np.array_equal(vb[metric], va[metric]) for model, (va, vb) in values.items()}
+            tests = {model: difference(va[metric], vb[metric], metric) for model, (va, vb) in values.items()}
+            family = adjust({model: diff for model, diff in tests.items() if not same[model]})
+            for model, diff in tests.items():
+                diff = family.get(model, Estimate(diff.mean, diff.lo, diff.hi, diff.n, diff.p, diff.p))
                 va, vb = (v[metric] for v in values[model])
-                same = np.array_equal(vb, va)
+                same_outcomes = same[model]
                 spread = (va.mean(axis=1).std(ddof=1), vb.mean(axis=1).std(ddof=1)) if len(va) > 1 else None
                 rows.append({"protocol": protocol, "model": model, "metric": metric, "a": float(va.mean()),
                              "b": float(vb.mean()), "diff": diff, "seed_sd": spread,
-                             "verdict": "the same for every user" if same else verdict(diff)})
+                             "verdict": "the same for every user" if same_outcomes else verdict(diff)})
     return models, rows
 
 
@@ -154,18 +160,17 @@ def render(a: list[Run], b: list[Run], rows: list[dict]) -> str:
     """The comparison as text, at most 100 columns."""
     k = a[0].k
     metric_names = {"hr": f"HR@{k}", "ndcg": f"NDCG@{k}"}
-    n_models = len({row["model"] for row in rows})
     runs = len(a)
     if runs == 1:
-        how = ["B - A is the mean per-user difference with its 95% interval; p: HR by the exact McNemar test,",
+        how = ["B - A: the mean per-user difference with its 95% interval. p: HR by the exact McNemar test,",
                "NDCG by the paired t-test."]
     else:
-        how = [f"Run i of A is matched with run i of B ({runs} pairs: seeds are replicates). B - A and its 95%",
-               "interval count how both the seeds and the users vary (a runs x users random-effects t-test);",
+        how = [f"Run i of A is matched with run i of B ({runs} pairs: seeds are replicates). B - A and its",
+               "95% interval count how the seeds and the users vary (a runs x users random-effects t-test);",
                "sd: the spread of each side's metric over its runs."]
-    out = [f"A = {side_name(a)}", f"B = {side_name(b)}", f"{len(a[0].users):,} test users ({a[0].dataset}). " + how[0],
-           *how[1:], f"Each protocol and metric is a family of {n_models} comparisons (one per model): the p-values "
-           "are", "adjusted by Holm's method, and a verdict needs an adjusted p below 0.05.", ""]
+    out = [f"A = {side_name(a)}", f"B = {side_name(b)}", f"{len(a[0].users):,} test users ({a[0].dataset}).", *how,
+           "Each protocol and metric is one family (the models whose outcomes differ): p is adjusted by",
+           "Holm's method, and a verdict needs an adjusted p below 0.05.", ""]
     for protocol, title in PROTOCOL_NAMES.items():
         users = int(ranked(a[0], rows[0]["model"], protocol).sum()) if rows else 0
         if users < len(a[0].users):
