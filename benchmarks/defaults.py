@@ -22,17 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import yaml  # noqa: E402
 
 
-def parse_value(text: str):
-    return yaml.safe_load(text)
-
-
 def run(name: str, overrides: dict) -> str:
     import torch
 
     from pipeline.common import configure_torch
     from pipeline.data import load_candidates, load_split
     from pipeline.models import get
-    from pipeline.params import load_params, validate
+    from pipeline.params import validate
     from pipeline.train import train_closed_form, train_neural
     from pipeline.training import Validation
 
@@ -67,7 +63,7 @@ def main() -> None:
     for item in args.grid:
         key, _, text = item.partition("=")
         keys.append(key)
-        values.append([parse_value(v) for v in text.split(",")])
+        values.append([yaml.safe_load(v) for v in text.split(",")])  # as YAML reads params.yaml
     combos = [dict(zip(keys, combo)) for combo in itertools.product(*values)]
     with ProcessPoolExecutor(args.jobs) as pool:
         for line in pool.map(run, [args.model] * len(combos), combos):

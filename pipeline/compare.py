@@ -132,7 +132,7 @@ def compare(a: list[Run], b: list[Run]) -> tuple[list[str], list[dict]]:
         for model in models:
             users = ranked(a[0], model, protocol)
             if any(not np.array_equal(ranked(run, model, protocol), users) for run in a + b):
-                raise PipelineError(f"cannot compare: the runs fully ranked different samples of test users "
+                raise PipelineError("cannot compare: the runs fully ranked different samples of test users "
                                     "(another full_rank_users)")
             values[model] = side_values(a, model, protocol, k, users), side_values(b, model, protocol, k, users)
         for metric in ("hr", "ndcg"):
