@@ -6,13 +6,13 @@ Sampled: each user's held-out test item ranked against its `test_negatives` samp
 (HR@topK, NDCG@topK, MRR), for every test user. Full: the held-out item ranked against every item
 the user has not interacted with in train or validation, scored in batches of users with tensor
 operations, for every test user or, above `full_rank_users`, for a fixed sample of that many
-(seeded by `candidate_seed`, the same for every model and run; test.json names its size). In
+(seeded by `candidate_seed`, the same for every model and run; intervals.json names its size). In
 both, an equal score ranks the held-out item below the other item (pessimistic ties, as in the
 seed notebook). Each model is its test-time checkpoint (refitted on train + validation when
 `refit` is on); the models that read a user's history (EASE, SASRec) read everything before the
 test item, train and validation, whether or not they were refitted.
 
-Writes METRICS_OUT (test.json: the DVC metrics), INTERVALS_OUT (95% intervals of every metric,
+Writes METRICS_OUT/<model>.json (each model's test metrics: DVC's metrics), INTERVALS_OUT (95% intervals of every metric,
 each model's validation metrics by both protocols, and each model's paired difference from the
 reference, the model best on that protocol's validation HR, and from ItemPop, with Holm-adjusted
 verdicts per column; see pipeline.stats),
@@ -157,7 +157,7 @@ def main() -> None:
     parser.add_argument("prepared_dir", type=Path)
     parser.add_argument("candidates_dir", type=Path)
     parser.add_argument("models_dir", type=Path, help="holds <model>.pt for every trained model")
-    parser.add_argument("metrics_out", type=Path, help="test metrics (.json)")
+    parser.add_argument("metrics_out", type=Path, help="test metrics: <model>.json per model (DVC's metrics)")
     parser.add_argument("intervals_out", type=Path, help="95%% intervals and paired differences (.json)")
     parser.add_argument("curve_dir", type=Path, help="sampled HR@K for K = 1..20: <model>.csv (k, hr) per model")
     parser.add_argument("ranks_out", type=Path, help="per-user ranks of every model (.npz)")
@@ -174,7 +174,7 @@ def main() -> None:
     if len(ranked) < len(test.users):
         log.info("full ranking: a seeded sample of %d of the %d test users (full_rank_users)", len(ranked),
                  len(test.users))
-    metrics: dict = {"k": k, "full_rank_users": len(ranked)}
+    metrics: dict = {}
     all_ranks = {}
     for name in trained_models(params):
         model = load_model(name, args.models_dir / f"{name}.pt", history, device)
@@ -189,8 +189,11 @@ def main() -> None:
     log.info("references (best validation HR@%d): %s", k,
              ", ".join(f"{p} {choose_reference(validation, p)}" for p in PROTOCOLS))
     write_json(args.intervals_out, intervals(all_ranks, k, validation))
-    write_json(args.metrics_out, metrics)
-    # One file per model, so that DVC's plot of them never names a model that was not evaluated.
+    # One file per model (here and below), so that `dvc metrics show` prints a short row per model and
+    # DVC never shows a model that was not evaluated.
+    with atomic_output(args.metrics_out, is_dir=True) as tmp:
+        for name, entry in metrics.items():
+            write_json(tmp / f"{name}.json", entry)
     with atomic_output(args.curve_dir, is_dir=True) as tmp:
         for name, ranks in all_ranks.items():
             curve = hit_ratio_curve(ranks["sampled"], CURVE_MAX_K)

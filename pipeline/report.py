@@ -40,6 +40,19 @@ def _read_json(path: Path) -> dict:
         raise PipelineError(f"{path}: not found; run `dvc repro`") from None
 
 
+def read_curve(live_dir: Path) -> pd.DataFrame:
+    """A model's training curve from its DVCLive files: epoch, loss (NaN for a closed-form model) and
+    validation HR (sampled)."""
+    tsv = live_dir / "plots" / "metrics"
+    try:
+        curve = pd.read_csv(tsv / "hr.tsv", sep="\t").rename(columns={"step": "epoch", "hr": "val_hr"})
+    except FileNotFoundError:
+        raise PipelineError(f"{tsv / 'hr.tsv'}: not found; run `dvc repro`") from None
+    if not (tsv / "loss.tsv").exists():
+        return curve.assign(loss=np.nan)
+    return curve.merge(pd.read_csv(tsv / "loss.tsv", sep="\t").rename(columns={"step": "epoch"}), on="epoch")
+
+
 def save_png(fig, path: Path) -> None:
     """Save a figure atomically as PNG and close it."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,15 +122,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Write metrics/report.md and the PNG charts.")
     parser.add_argument("prepared_dir", type=Path)
     parser.add_argument("recommendations", type=Path)
-    parser.add_argument("metrics_dir", type=Path, help="holds test.json, hr_at_k/, training/")
+    parser.add_argument("metrics_dir", type=Path, help="holds intervals.json, hr_at_k/, training/<model>/")
     parser.add_argument("report", type=Path)
     args = parser.parse_args()
     params = load_params()
-    metrics = _read_json(args.metrics_dir / "test.json")
     bars = _read_json(args.metrics_dir / "intervals.json")
     models = trained_models(params)
-    summaries = {m: _read_json(args.metrics_dir / "training" / f"{m}.json") for m in models}
-    curves = {m: pd.read_csv(args.metrics_dir / "training" / f"{m}.csv") for m in models}
+    summaries = {m: _read_json(args.metrics_dir / "training" / m / "metrics.json") for m in models}
+    curves = {m: read_curve(args.metrics_dir / "training" / m) for m in models}
     plots = args.metrics_dir / "plots"
     training_chart(curves, params["topK"], plots / "training.png")
     hr = {m: pd.read_csv(args.metrics_dir / "hr_at_k" / f"{m}.csv") for m in models}
@@ -145,7 +157,7 @@ def main() -> None:
         params["refit"] else " (trained on train only: `refit` is off).") + f" Every number is a mean over "
         f"{bars['users']:,} test users, shown with the half-width of its 95% interval (Wilson for HR, a t interval "
         "for NDCG and MRR)." + (" " + full_ranking_note(bars)).rstrip(), "",
-        metrics_table(metrics, bars, summaries), "",
+        metrics_table(bars, summaries, params["select_by"]), "",
         "## Which differences are real", "",
         "Each model against the reference and against ItemPop, on the same users: the mean per-user difference in "
         f"HR@{params['topK']} with its 95% interval (of that comparison alone) and the exact McNemar test's p-value. "

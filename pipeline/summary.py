@@ -2,9 +2,9 @@
 
     python -m pipeline.summary [METRICS_DIR]     # after dvc repro: one row per model, 100 columns
 
-Reads METRICS_DIR/test.json (the point values, DVC's metrics) and METRICS_DIR/intervals.json (their
-95% intervals and the paired differences, written by `evaluate`). The report stage uses the same
-tables in Markdown.
+Reads METRICS_DIR/intervals.json (every model's metrics with their 95% intervals and the paired
+differences, written by `evaluate`; the point values are also DVC's metrics, METRICS_DIR/test/<model>.json).
+The report stage uses the same tables in Markdown.
 """
 from __future__ import annotations
 
@@ -40,11 +40,6 @@ def family_note(bars: dict, protocol: str, key: str) -> str:
     return f"a family of {n} comparisons per column, Holm-adjusted"
 
 
-def model_names(metrics: dict) -> list[str]:
-    """The models in a test.json, in its order (its other keys: k, full_rank_users)."""
-    return [name for name, value in metrics.items() if isinstance(value, dict)]
-
-
 def full_ranking_note(bars: dict) -> str:
     """'' when every test user was fully ranked; else how many were (a seeded sample)."""
     if bars.get("full_rank_users", bars["users"]) >= bars["users"]:
@@ -53,15 +48,17 @@ def full_ranking_note(bars: dict) -> str:
             "(full_rank_users), so its intervals are wider.")
 
 
-def metrics_table(metrics: dict, bars: dict, summaries: dict[str, dict] | None = None) -> str:
-    """A Markdown table: every model's sampled and full metrics (± 95% half-width), validation HR."""
-    k = metrics["k"]
+def metrics_table(bars: dict, summaries: dict[str, dict] | None = None, select_by: str = "sampled") -> str:
+    """A Markdown table: every model's sampled and full metrics (± 95% half-width), and its validation
+    HR by `select_by` with the chosen epoch (from each model's training summary, if given)."""
+    k = bars["k"]
     lines = [f"| model | HR@{k} | NDCG@{k} | MRR | full HR@{k} | full NDCG@{k} | full MRR | validation HR@{k} (epoch) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name in model_names(metrics):
-        entry = bars["models"].get(name, {})
+    for name, entry in bars["models"].items():
         s = (summaries or {}).get(name)
-        val = f"{s['val_hr']:.4f} ({s['best_epoch']})" if s else ""
+        val = ""
+        if s:
+            val = f"{(s['full'] if select_by == 'full' else s)['hr']:.4f}" + (f" ({s['epoch']})" if "epoch" in s else "")
         cells = [pm(entry.get(p, {}).get(metric)) for p in ("sampled", "full") for metric in ("hr", "ndcg", "mrr")]
         lines.append(f"| {label(name)} | " + " | ".join(cells) + f" | {val} |")
     return "\n".join(lines)
@@ -87,13 +84,12 @@ def significance_tables(bars: dict) -> list[str]:
     return out
 
 
-def terminal_table(metrics: dict, bars: dict) -> str:
+def terminal_table(bars: dict) -> str:
     """Plain text, at most 100 columns: a row per model, sampled and full HR@k and NDCG@k ± 95%."""
-    k = metrics["k"]
+    k = bars["k"]
     head = [f"HR@{k}", f"NDCG@{k}", f"full HR@{k}", f"full NDCG@{k}"]
     rows = [["model", *head]]
-    for name in model_names(metrics):
-        entry = bars["models"].get(name, {})
+    for name, entry in bars["models"].items():
         rows.append([label(name)] + [pm(entry.get(p, {}).get(metric)) for p in ("sampled", "full")
                                      for metric in ("hr", "ndcg")])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -113,14 +109,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Print the results table.")
     parser.add_argument("metrics_dir", type=Path, nargs="?", default=Path("metrics"))
     args = parser.parse_args()
-    loaded = []
-    for name in ("test.json", "intervals.json"):
-        path = args.metrics_dir / name
-        try:
-            loaded.append(json.loads(path.read_text(encoding="utf-8")))
-        except FileNotFoundError:
-            raise PipelineError(f"{path}: not found; run `dvc repro` first") from None
-    sys.stdout.write(terminal_table(*loaded) + "\n")
+    path = args.metrics_dir / "intervals.json"
+    try:
+        bars = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: not found; run `dvc repro` first (or `dvc pull` it)") from None
+    sys.stdout.write(terminal_table(bars) + "\n")
 
 
 if __name__ == "__main__":

@@ -9,9 +9,11 @@ fitted again on train plus validation (a neural model from scratch, with the sam
 chosen number of epochs), so it sees each user's history up to, never including, the test item.
 
 Writes MODELS_DIR/MODEL.pt (the model for the test set and recommendations), MODELS_DIR/
-MODEL.trainonly.pt (the validation-chosen model, trained on train only), TRAINING_DIR/MODEL.csv
-(the per-epoch curve; one row for a closed-form model) and TRAINING_DIR/MODEL.json (the chosen
-epoch and its validation metrics). A fused model (NeuMF) starts from the checkpoints of the models
+MODEL.trainonly.pt (the validation-chosen model, trained on train only) and TRAINING_DIR/MODEL/, a
+DVCLive directory: each validated epoch is logged as it ends (plots/metrics/loss.tsv, hr.tsv, ndcg.tsv,
+full/hr.tsv, full/ndcg.tsv; one step for a closed-form model), so that `dvc exp show` and DVC's VS
+Code extension follow a running stage, and metrics.json, DVCLive's summary, ends as the chosen epoch
+and its validation metrics by both protocols (a DVC metric). A fused model (NeuMF) starts from the checkpoints of the models
 its class names in `fused_from`, read from MODELS_DIR: the train-only ones for its validated run,
 the refitted ones for its refit. Every checkpoint is a dict of tensors: torch.load(weights_only=True).
 """
@@ -20,19 +22,49 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from pipeline.common import atomic_output, configure_torch, pick_device, run_stage, write_json, write_text
+from pipeline.common import atomic_output, configure_torch, pick_device, run_stage, write_json
 from pipeline.data import Split, load_candidates, load_split
 from pipeline.models import Model, checkpoint_paths, get as get_model, list_models, load_state
 from pipeline.params import load_params, model_section
-from pipeline.training import EpochStats, FitConfig, Validation, curve_csv, fit, fit_and_refit
+from pipeline.training import EpochStats, FitConfig, Validation, fit, fit_and_refit
 
 log = logging.getLogger("train")
+
+
+class EpochLog:
+    """The live log of one model's validated run, through DVCLive: every epoch's loss and validation
+    HR@K and NDCG@K by both protocols, written as the epoch ends (the refit logs nothing)."""
+
+    def __init__(self, directory: Path):
+        from dvclive import Live  # imports DVC: only the training stages pay for it
+        logging.getLogger("dvclive").setLevel(logging.WARNING)  # not its name for the run
+        # dvcyaml=None: the stage's outputs in dvc.yaml declare these files; DVCLive never rewrites it
+        self.live = Live(dir=str(directory), dvcyaml=None, save_dvc_exp=False, report=None)
+
+    def __call__(self, row: EpochStats) -> None:
+        self.live.step = row.epoch
+        values = {"loss": row.loss, "hr": row.val_hr, "ndcg": row.val_ndcg, "full/hr": row.val_full_hr,
+                  "full/ndcg": row.val_full_ndcg}
+        for name, value in values.items():
+            if not math.isnan(value):
+                self.live.log_metric(name, round(value, 6))
+        self.live.next_step()
+
+    def close(self, row: EpochStats, epoch: int | None) -> None:
+        """End the log; its summary becomes the chosen epoch's validation metrics (no `step`: it is `epochs`)."""
+        self.live.end()
+        summary = {"epoch": epoch} if epoch is not None else {}
+        summary |= {"hr": round(row.val_hr, 6), "ndcg": round(row.val_ndcg, 6),
+                    "full": {"hr": round(row.val_full_hr, 6), "ndcg": round(row.val_full_ndcg, 6)}}
+        write_json(self.live.metrics_file, summary)
 
 def build(name: str, split: Split, params: dict, models_dir: Path, refitted: bool) -> Model:
     """A freshly seeded model `name`: initialised at random, or from its sources' checkpoints if fused."""
@@ -49,7 +81,7 @@ def build(name: str, split: Split, params: dict, models_dir: Path, refitted: boo
 
 
 def train_neural(name: str, split: Split, val: Validation, params: dict, device: torch.device,
-                 models_dir: Path) -> tuple[dict, dict, list[EpochStats], int]:
+                 models_dir: Path, on_row=None) -> tuple[dict, dict, list[EpochStats], int]:
     """Train a neural model; return (test-time state, train-only state, curve, chosen epoch)."""
     cfg = FitConfig.from_section(model_section(params, name), params["seed"], params["topK"], params["select_by"])
 
@@ -58,9 +90,9 @@ def train_neural(name: str, split: Split, val: Validation, params: dict, device:
 
     train = split.history(val=False)
     if not params["refit"]:
-        state, curve, best = fit(make(False), train, val, cfg, device, name)
+        state, curve, best = fit(make(False), train, val, cfg, device, name, on_row=on_row)
         return state, state, curve, best
-    return fit_and_refit(make, train, split.history(val=True), val, cfg, device, name)
+    return fit_and_refit(make, train, split.history(val=True), val, cfg, device, name, on_row=on_row)
 
 
 def train_closed_form(name: str, split: Split, val: Validation, params: dict
@@ -91,7 +123,7 @@ def main() -> None:
     parser.add_argument("prepared_dir", type=Path)
     parser.add_argument("candidates_dir", type=Path)
     parser.add_argument("models_dir", type=Path, help="writes MODEL.pt and MODEL.trainonly.pt here")
-    parser.add_argument("training_dir", type=Path, help="writes MODEL.csv (curve) and MODEL.json (summary) here")
+    parser.add_argument("training_dir", type=Path, help="writes MODEL/ (DVCLive: the curve and the summary) here")
     args = parser.parse_args()
     name = args.model
     cls = get_model(name)
@@ -101,22 +133,25 @@ def main() -> None:
     val = Validation.of(load_candidates(args.candidates_dir / "val.npz"), split.train, params["full_rank_users"],
                         params["candidate_seed"])
     start = time.perf_counter()
-    if cls.neural:
-        device = pick_device(params["device"])
-        log.info("training %s on %s", name, device)
-        state, train_only, curve, best = train_neural(name, split, val, params, device, args.models_dir)
-    else:
-        state, train_only, curve, best = train_closed_form(name, split, val, params)
-    seconds = time.perf_counter() - start
-    row = curve[best - 1]
-    test_path, train_only_path = checkpoint_paths(args.models_dir, name)
-    save_checkpoint(train_only_path, train_only)
-    save_checkpoint(test_path, state)
-    write_text(args.training_dir / f"{name}.csv", curve_csv(curve))
-    write_json(args.training_dir / f"{name}.json", {
-        "best_epoch": best, "select_by": params["select_by"], "val_hr": round(row.val_hr, 6),
-        "val_ndcg": round(row.val_ndcg, 6), "val_full_hr": round(row.val_full_hr, 6),
-        "val_full_ndcg": round(row.val_full_ndcg, 6), "refit": params["refit"]})
+    live_dir = args.training_dir / name
+    try:
+        epochs = EpochLog(live_dir)
+        if cls.neural:
+            device = pick_device(params["device"])
+            log.info("training %s on %s", name, device)
+            state, train_only, curve, best = train_neural(name, split, val, params, device, args.models_dir, epochs)
+        else:
+            state, train_only, curve, best = train_closed_form(name, split, val, params)
+            epochs(curve[0])
+        seconds = time.perf_counter() - start
+        row = curve[best - 1]
+        test_path, train_only_path = checkpoint_paths(args.models_dir, name)
+        save_checkpoint(train_only_path, train_only)
+        save_checkpoint(test_path, state)
+        epochs.close(row, best if cls.neural else None)
+    except BaseException:
+        shutil.rmtree(live_dir, ignore_errors=True)  # a log that ends early is no result
+        raise
     chosen = f"best epoch {best} of {len(curve)} by {params['select_by']} HR" if cls.neural else "closed form"
     log.info("%s: %s: val HR@%d %.4f, NDCG %.4f; full HR %.4f, NDCG %.4f%s; %.1f s", name, chosen, params["topK"],
              row.val_hr, row.val_ndcg, row.val_full_hr, row.val_full_ndcg,

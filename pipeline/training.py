@@ -17,9 +17,7 @@ ever kept.
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
-import io
 import logging
 import math
 import multiprocessing as mp
@@ -336,6 +334,7 @@ def fit(model: Model, train: History | sp.csr_matrix, val: Validation | Candidat
         device: torch.device = torch.device("cpu"), name: str = "model",
         on_epoch: Callable[[int, Model, int], bool] | None = None,
         on_batch: Callable[[], None] | None = None,
+        on_row: Callable[[EpochStats], None] | None = None,
         ) -> tuple[dict[str, torch.Tensor], list[EpochStats], int]:
     """Train `model` in place for cfg.epochs; return (kept state on the CPU, per-epoch curve, kept epoch).
 
@@ -344,7 +343,8 @@ def fit(model: Model, train: History | sp.csr_matrix, val: Validation | Candidat
 
     With validation the kept state is the best epoch's by cfg.select_by (candidates alone: sampled);
     with `val` None (a refit) it is the last. `on_epoch(epoch, model, kept_epoch)`, if given, is called after each epoch; training stops when
-    it returns False. `on_batch()`, if given, is called before each step (it may raise to stop). Every random draw comes from generators of cfg.seed owned by this call (dropout's too), so
+    it returns False. `on_batch()`, if given, is called before each step (it may raise to stop);
+    `on_row(row)`, if given, gets each validated epoch's curve row as it ends (the live log). Every random draw comes from generators of cfg.seed owned by this call (dropout's too), so
     two calls may run at once in two threads and give the same bits as one after the other.
     """
     gens = Generators(seeded_generator(cfg.seed, ORDER_STREAM, device),
@@ -392,6 +392,8 @@ def fit(model: Model, train: History | sp.csr_matrix, val: Validation | Candidat
             continue
         row = dataclasses.replace(val.measure(model, k), epoch=epoch, loss=mean_loss)
         curve.append(row)
+        if on_row is not None:
+            on_row(row)
         if row.key(cfg.select_by) > best_key:
             best_key, best_epoch = row.key(cfg.select_by), epoch
             best_state = _state_on_cpu(model)
@@ -529,7 +531,7 @@ class Refit:
 def fit_and_refit(make_model: Callable[[bool], Model], train: History, refit_on: History,
                   val: Validation | Candidates,
                   cfg: FitConfig, device: torch.device = torch.device("cpu"), name: str = "model",
-                  in_process: bool | None = None,
+                  in_process: bool | None = None, on_row: Callable[[EpochStats], None] | None = None,
                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[EpochStats], int]:
     """Choose the epoch on validation, and refit on `refit_on` for that many epochs, side by side.
 
@@ -538,27 +540,14 @@ def fit_and_refit(make_model: Callable[[bool], Model], train: History, refit_on:
     stopped at e, so the state after the chosen epoch is kept. On two cores the pair takes the time of
     one run; each uses one thread, so the bits do not depend on the core count or on which is ahead.
     A failure of either ends both. Returns (refitted state, validation-chosen state, curve, chosen epoch).
+    `on_row` is the validated run's (fit's); the refit logs nothing.
     """
     models = make_model(False), make_model(True)  # built one after the other: the seed's draws are fixed
     refit = Refit(models[1], refit_on, cfg, device, name, in_process)
     try:
         state, curve, best = fit(models[0], train, val, cfg, device, name, on_batch=refit.check,
-                                 on_epoch=lambda epoch, model, kept: refit.tell("floor", kept) or True)
+                                 on_epoch=lambda epoch, model, kept: refit.tell("floor", kept) or True, on_row=on_row)
         refit.tell("stop", best)  # the refit stops once it has reached the chosen epoch
         return refit.result(), state, curve, best
     finally:
         refit.close()
-
-
-CURVE_COLUMNS = ("epoch", "loss", "val_hr", "val_ndcg", "val_full_hr", "val_full_ndcg")
-
-
-def curve_csv(curve: list[EpochStats]) -> str:
-    """Return the training curve as CSV text (CURVE_COLUMNS); a missing value (NaN) is empty."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(CURVE_COLUMNS)
-    for row in curve:
-        values = [getattr(row, column) for column in CURVE_COLUMNS[1:]]
-        writer.writerow([row.epoch] + ["" if math.isnan(v) else f"{v:.6f}" for v in values])
-    return buf.getvalue()
