@@ -92,7 +92,11 @@ def bench_dataset(name: str, extra: list[str], scratch: Path) -> dict:
         rss = [r for t, r, _ in sampler.samples if t0 <= t <= t1]
         stages.append({"stage": stage, "seconds": round(t1 - t0, 1), "peak_rss_mib": round(max(rss, default=0) / 2**20)})
     peak = max(u for _, _, u in sampler.samples) - baseline
-    metrics = json.loads((root / "metrics/test.json").read_text())
+    # every model's test metrics (metrics/test/<model>.json), in the pipeline's model order, with k and the
+    # number of fully ranked users from intervals.json: the shape scale.json's earlier records have
+    bars = json.loads((root / "metrics/intervals.json").read_text())
+    metrics = {"k": bars["k"], "full_rank_users": bars["full_rank_users"],
+               **{model: json.loads((root / "metrics/test" / f"{model}.json").read_text()) for model in bars["models"]}}
     return {"dataset": name, "command": "dvc exp run " + " ".join(f"-S {s}" for s in sets),
             "wall_s": round(end - start, 1), "peak_used_gib": round(peak / 2**30, 2), "stages": stages,
             "metrics": metrics, "log_tail": [line.rstrip() for line in log if ": " in line and "training:" not in line][-40:]}

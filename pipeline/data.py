@@ -15,7 +15,8 @@ if TYPE_CHECKING:  # pandas is imported where it is used: the training stages ne
 
 TRAIN_FILE = "train.npz"  # scipy CSR [n_users x n_items], 1.0 where the user interacted in train
 TRAIN_ORDER_FILE = "train_order.npy"  # the train CSR's items per user (same indptr), oldest first
-HELDOUT_FILE = "heldout.npz"  # validation and test (user, item) pairs, one per evaluated user
+VAL_FILE = "heldout_val.npz"  # the validation (user, item) pairs, one per evaluated user
+TEST_FILE = "heldout_test.npz"  # the test pairs: a file of their own, which a search never opens
 USERS_FILE = "users.csv"  # user_index -> original MovieLens user_id
 ITEMS_FILE = "items.csv"  # item_index -> original MovieLens movie_id and title
 RECENT_FILE = "recent.npz"  # each user's latest interactions (any split), for showing a person's history
@@ -48,8 +49,8 @@ class Split:
     train: sp.csr_matrix
     val_users: np.ndarray
     val_items: np.ndarray
-    test_users: np.ndarray
-    test_items: np.ndarray
+    test_users: np.ndarray | None  # None when loaded without the test pairs (load_split(test=False))
+    test_items: np.ndarray | None
     recent: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (users, items, timestamps), by user then time
     train_order: np.ndarray | None = None  # train.indices in time order within each user (see TRAIN_ORDER_FILE)
 
@@ -122,11 +123,8 @@ def save_split(out_dir: Path, split: Split, users: "pd.DataFrame", items: "pd.Da
         sp.save_npz(tmp / TRAIN_FILE, split.train.tocsr(), compressed=False)  # faster to write and read
         if split.train_order is not None:
             np.save(tmp / TRAIN_ORDER_FILE, split.train_order.astype(np.int32))
-        np.savez_compressed(
-            tmp / HELDOUT_FILE,
-            val_users=split.val_users, val_items=split.val_items,
-            test_users=split.test_users, test_items=split.test_items,
-        )
+        np.savez_compressed(tmp / VAL_FILE, users=split.val_users, items=split.val_items)
+        np.savez_compressed(tmp / TEST_FILE, users=split.test_users, items=split.test_items)
         if split.recent is not None:
             r_users, r_items, r_times = split.recent
             np.savez(tmp / RECENT_FILE, users=r_users, items=r_items, timestamps=r_times)
@@ -134,15 +132,21 @@ def save_split(out_dir: Path, split: Split, users: "pd.DataFrame", items: "pd.Da
         items.to_csv(tmp / ITEMS_FILE, index=False, lineterminator="\n")
 
 
-def load_split(prepared_dir: str | Path) -> Split:
-    """Read the split written by build_matrix."""
+def load_split(prepared_dir: str | Path, test: bool = True) -> Split:
+    """Read the split written by build_matrix; with `test` False, without opening the test pairs
+    (test_users and test_items are None: what a hyperparameter search may read)."""
     prepared_dir = Path(prepared_dir)
     train = sp.load_npz(_need(prepared_dir / TRAIN_FILE)).tocsr()
     train.sort_indices()
     order_path = prepared_dir / TRAIN_ORDER_FILE
     order = np.load(order_path).astype(np.int64) if order_path.exists() else None
-    with np.load(_need(prepared_dir / HELDOUT_FILE)) as z:
-        return Split(train, z["val_users"], z["val_items"], z["test_users"], z["test_items"], train_order=order)
+    with np.load(_need(prepared_dir / VAL_FILE)) as z:
+        val_users, val_items = z["users"], z["items"]
+    test_users = test_items = None
+    if test:
+        with np.load(_need(prepared_dir / TEST_FILE)) as z:
+            test_users, test_items = z["users"], z["items"]
+    return Split(train, val_users, val_items, test_users, test_items, train_order=order)
 
 
 def load_recent(prepared_dir: str | Path) -> "pd.DataFrame":

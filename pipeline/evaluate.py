@@ -72,7 +72,7 @@ def ranked_only(ranks: dict[str, np.ndarray], protocol: str) -> np.ndarray:
 
 
 def point_metrics(ranks: dict[str, np.ndarray], k: int) -> dict:
-    """The test.json entry of one model: {hr, ndcg, mrr, full: {hr, ndcg, mrr}}."""
+    """One model's metrics/test/<model>.json: {hr, ndcg, mrr, full: {hr, ndcg, mrr}}."""
     def three(r):
         return {"hr": round(hit_ratio(r, k), 6), "ndcg": round(ndcg(r, k), 6), "mrr": round(mrr(r), 6)}
     return {**three(ranks["sampled"]), "full": three(ranked_only(ranks, "full"))}

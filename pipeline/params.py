@@ -58,6 +58,22 @@ class Spec:
         return f"{what} in {lo}{_fmt(self.low)}, {_fmt(self.high)}{hi}"
 
 
+@dataclass(frozen=True)
+class Search:
+    """One knob's search range for `python -m pipeline.tune`: a number in [low, high] (sampled on a
+    log scale with `log`; an integer if the knob's Spec is 'int'), or one of `choices`."""
+
+    low: float = 0
+    high: float = 0
+    log: bool = False
+    choices: tuple = ()
+
+    def describe(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(str(c) for c in self.choices)
+        return f"[{_fmt(self.low)}, {_fmt(self.high)}]" + (" (log scale)" if self.log else "")
+
+
 def _fmt(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 

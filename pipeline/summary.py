@@ -52,7 +52,7 @@ def metrics_table(bars: dict, summaries: dict[str, dict] | None = None, select_b
     """A Markdown table: every model's sampled and full metrics (± 95% half-width), and its validation
     HR by `select_by` with the chosen epoch (from each model's training summary, if given)."""
     k = bars["k"]
-    lines = [f"| model | HR@{k} | NDCG@{k} | MRR | full HR@{k} | full NDCG@{k} | full MRR | validation HR@{k} (epoch) |",
+    lines = [f"| model | HR@{k} | NDCG@{k} | MRR | full HR@{k} | full NDCG@{k} | full MRR | validation HR@{k} by {select_by} (epoch) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, entry in bars["models"].items():
         s = (summaries or {}).get(name)

@@ -20,6 +20,7 @@ the refitted ones for its refit. Every checkpoint is a dict of tensors: torch.lo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import math
@@ -151,6 +152,8 @@ def main() -> None:
         epochs.close(row, best if cls.neural else None)
     except BaseException:
         shutil.rmtree(live_dir, ignore_errors=True)  # a log that ends early is no result
+        with contextlib.suppress(OSError):
+            live_dir.parent.rmdir()  # and no empty TRAINING_DIR it made
         raise
     chosen = f"best epoch {best} of {len(curve)} by {params['select_by']} HR" if cls.neural else "closed form"
     log.info("%s: %s: val HR@%d %.4f, NDCG %.4f; full HR %.4f, NDCG %.4f%s; %.1f s", name, chosen, params["topK"],

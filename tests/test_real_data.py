@@ -64,8 +64,9 @@ def test_pipeline_on_ml100k(tmp_path: Path) -> None:
     assert split.train.nnz == 100_000 - 2 * 943
     assert len(split.test_users) == len(split.val_users) == 943
 
-    metrics = json.loads((tmp_path / "metrics/test.json").read_text())
-    assert list(metrics) == ["k", "full_rank_users", *MODELS] and metrics["full_rank_users"] == 943
+    assert sorted(p.name for p in (tmp_path / "metrics/test").iterdir()) == sorted(f"{m}.json" for m in MODELS)
+    metrics = {model: json.loads((tmp_path / f"metrics/test/{model}.json").read_text()) for model in MODELS}
+    assert all(set(m) == {"hr", "ndcg", "mrr", "full"} for m in metrics.values())
     assert 0.36 <= metrics["itempop"]["hr"] <= 0.45  # the seed notebook reports 0.406
     assert 0.50 <= metrics["mlp"]["hr"] <= 0.75  # 3 epochs: well above ItemPop, below a full run
     assert metrics["mlp"]["hr"] > metrics["itempop"]["hr"] + 0.08
@@ -78,14 +79,22 @@ def test_pipeline_on_ml100k(tmp_path: Path) -> None:
         curve = np.loadtxt(tmp_path / f"metrics/hr_at_k/{model}.csv", delimiter=",", skiprows=1)
         assert curve.shape == (20, 2) and np.all(np.diff(curve[:, 1]) >= 0)
         assert curve[9, 1] == pytest.approx(metrics[model]["hr"], abs=1e-6)
-    assert len((tmp_path / "metrics/training/mlp.csv").read_text().splitlines()) == 1 + 3
-    summary = json.loads((tmp_path / "metrics/training/mlp.json").read_text())
-    assert 1 <= summary["best_epoch"] <= 3 and summary["refit"] is params["refit"]
+    live = tmp_path / "metrics/training/mlp"
+    plots = {name: (live / "plots/metrics" / f"{name}.tsv").read_text().splitlines()
+             for name in ("loss", "hr", "ndcg", "full/hr", "full/ndcg")}
+    for name, lines in plots.items():
+        assert lines[0] == f"step\t{name.split('/')[-1]}"
+        assert [line.split("\t")[0] for line in lines[1:]] == ["1", "2", "3"]  # a row per epoch
+    summary = json.loads((live / "metrics.json").read_text())
+    assert set(summary) == {"epoch", "hr", "ndcg", "full"} and 1 <= summary["epoch"] <= 3
+    assert plots["hr"][summary["epoch"]] == f"{summary['epoch']}\t{summary['hr']}"  # the chosen epoch's row
+    assert plots["full/hr"][summary["epoch"]] == f"{summary['epoch']}\t{summary['full']['hr']}"
+    assert sorted(p.name for p in (tmp_path / "metrics/training").iterdir()) == sorted(MODELS)
     for model in MODELS:
         assert (tmp_path / f"data/models/{model}.pt").is_file()
         assert (tmp_path / f"data/models/{model}.trainonly.pt").is_file()
     bars = json.loads((tmp_path / "metrics/intervals.json").read_text())
-    assert bars["users"] == 943 and list(bars["models"]) == MODELS
+    assert bars["users"] == bars["full_rank_users"] == 943 and bars["k"] == 10 and list(bars["models"]) == MODELS
     for model in MODELS:
         hr = bars["models"][model]["sampled"]["hr"]
         assert hr["mean"] == metrics[model]["hr"] and 0.02 < hr["hi"] - hr["lo"] < 0.08  # about ± 0.03 at 943 users

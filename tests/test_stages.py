@@ -73,8 +73,24 @@ def train(model: str, cwd: Path) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
-EVALUATE_ARGS = ("data/prepared", "data/candidates", "data/models", "metrics/test.json", "metrics/intervals.json",
+EVALUATE_ARGS = ("data/prepared", "data/candidates", "data/models", "metrics/test", "metrics/intervals.json",
                  "metrics/hr_at_k", "data/ranks.npz")
+
+
+def read_tsv(path: Path) -> list[tuple[int, float]]:
+    """A DVCLive plot file (header `step\t<name>`, then one `step\tvalue` row per logged epoch) as (step, value)."""
+    header, *rows = path.read_text().splitlines()
+    assert header == f"step\t{path.stem}", header
+    return [(int(step), float(value)) for step, value in (row.split("\t") for row in rows)]
+
+
+def live_files(live_dir: Path) -> list[str]:
+    """Every file under a model's DVCLive directory, relative to it."""
+    return sorted(str(p.relative_to(live_dir)) for p in live_dir.rglob("*") if p.is_file())
+
+
+LIVE_FILES = ["metrics.json", "plots/metrics/full/hr.tsv", "plots/metrics/full/ndcg.tsv", "plots/metrics/hr.tsv",
+              "plots/metrics/ndcg.tsv"]  # a closed-form model's; a neural model also logs plots/metrics/loss.tsv
 
 
 # A stage checks the keys it reads: the data stages no model's knobs, a train stage its own model's,
@@ -107,18 +123,18 @@ def test_evaluate_rejects_a_file_that_is_not_a_checkpoint(prepared: Path) -> Non
     (prepared / "data/models/mlp.pt").write_bytes(b"not a checkpoint")
     err = user_error(stage("evaluate", *EVALUATE_ARGS, cwd=prepared))
     assert "data/models/mlp.pt" in err and "not a readable model checkpoint" in err
-    assert not (prepared / "metrics/test.json").exists()
+    assert not (prepared / "metrics/test").exists()
     torch.save({"weight": torch.zeros(2)}, prepared / "data/models/mlp.pt")
     err = user_error(stage("evaluate", *EVALUATE_ARGS, cwd=prepared))
     assert "data/models/mlp.pt" in err and "not a valid mlp checkpoint" in err and "not an MLP state_dict" in err
-    assert not (prepared / "metrics/test.json").exists()
+    assert not (prepared / "metrics/test").exists()
     torch.save({"weight": torch.zeros(2)}, prepared / "data/models/itempop.pt")  # no "counts"
     err = user_error(stage("evaluate", *EVALUATE_ARGS, cwd=prepared))
     assert "data/models/itempop.pt" in err and "itempop" in err and "counts" in err
     (prepared / "data/models/itempop.pt").unlink()
     err = user_error(stage("evaluate", *EVALUATE_ARGS, cwd=prepared))
     assert "data/models/itempop.pt: not found" in err and "dvc repro" in err
-    assert not (prepared / "metrics/test.json").exists() and not (prepared / "metrics/hr_at_k").exists()
+    assert not (prepared / "metrics/test").exists() and not (prepared / "metrics/hr_at_k").exists()
     assert not (prepared / "metrics/intervals.json").exists() and not (prepared / "data/ranks.npz").exists()
 
 
@@ -136,16 +152,17 @@ def test_itempop_counts_train_interactions(prepared: Path, refit: bool) -> None:
     seen = split.train_and_val() if refit else split.train  # the test-time model: train + validation
     assert state["counts"].tolist() == np.asarray(seen.sum(axis=0)).ravel().astype(int).tolist()
     assert int(state["counts"].sum()) == split.train.nnz + (len(split.val_users) if refit else 0)
-    curve = (prepared / "metrics/training/itempop.csv").read_text().splitlines()
-    assert curve[0] == "epoch,loss,val_hr,val_ndcg,val_full_hr,val_full_ndcg" and len(curve) == 2
-    assert curve[1].startswith("1,,")
-    summary = json.loads((prepared / "metrics/training/itempop.json").read_text())
-    val_hr, val_ndcg, full_hr, full_ndcg = (float(v) for v in curve[1].split(",")[2:])
-    assert summary == {"best_epoch": 1, "select_by": "sampled", "val_hr": round(val_hr, 6),
-                       "val_ndcg": round(val_ndcg, 6), "val_full_hr": round(full_hr, 6),
-                       "val_full_ndcg": round(full_ndcg, 6), "refit": refit}
+    live = prepared / "metrics/training/itempop"
+    assert live_files(live) == LIVE_FILES  # one step, no loss (closed form)
+    plots = live / "plots/metrics"
+    (step, val_hr), = read_tsv(plots / "hr.tsv")
+    ((_, val_ndcg),), ((_, full_hr),), ((_, full_ndcg),) = (read_tsv(plots / f) for f in
+                                                            ("ndcg.tsv", "full/hr.tsv", "full/ndcg.tsv"))
+    assert step == 1
+    summary = json.loads((live / "metrics.json").read_text())
+    assert summary == {"hr": val_hr, "ndcg": val_ndcg, "full": {"hr": full_hr, "ndcg": full_ndcg}}  # no "epoch"
     assert 0 < full_hr < val_hr  # full ranking: more competitors, fewer hits
-    assert 0 < summary["val_hr"] < 1
+    assert 0 < summary["hr"] < 1 and 0 < full_ndcg <= full_hr and 0 < val_ndcg <= val_hr
 
 
 def test_ease_saves_its_item_weights(prepared: Path) -> None:
@@ -178,23 +195,31 @@ def test_mlp_stage_then_evaluate(prepared: Path) -> None:
     models = prepared / "data/models"
     assert sorted(p.name for p in models.iterdir()) == ["itempop.pt", "itempop.trainonly.pt", "mlp.pt",
                                                         "mlp.trainonly.pt"]
-    summary = json.loads((prepared / "metrics/training/mlp.json").read_text())
-    assert set(summary) == {"best_epoch", "select_by", "val_hr", "val_ndcg", "val_full_hr", "val_full_ndcg",
-                            "refit"} and summary["refit"] is True and summary["select_by"] == "sampled"
-    curve = (prepared / "metrics/training/mlp.csv").read_text().splitlines()
-    assert len(curve) == 1 + 3
-    row = curve[summary["best_epoch"]].split(",")
-    assert (round(float(row[2]), 6), round(float(row[3]), 6)) == (summary["val_hr"], summary["val_ndcg"])
+    assert sorted(p.name for p in (prepared / "metrics/training").iterdir()) == ["itempop", "mlp"]
+    live = prepared / "metrics/training/mlp"
+    assert live_files(live) == sorted([*LIVE_FILES, "plots/metrics/loss.tsv"])
+    summary = json.loads((live / "metrics.json").read_text())
+    assert set(summary) == {"epoch", "hr", "ndcg", "full"} and set(summary["full"]) == {"hr", "ndcg"}
+    curves = {name: read_tsv(live / "plots/metrics" / f"{name}.tsv") for name in
+              ("loss", "hr", "ndcg", "full/hr", "full/ndcg")}
+    assert all([step for step, _ in rows] == [1, 2, 3] for rows in curves.values())  # one row per epoch
+    assert all(v > 0 for _, v in curves["loss"])
+    hr, ndcg, full_hr, full_ndcg = (dict(curves[n]) for n in ("hr", "ndcg", "full/hr", "full/ndcg"))
+    best = summary["epoch"]
+    keys = [(hr[e], ndcg[e]) for e in (1, 2, 3)]
+    assert best == 1 + keys.index(max(keys))  # select_by: sampled, the earliest best
+    assert (summary["hr"], summary["ndcg"]) == (hr[best], ndcg[best])
+    assert summary["full"] == {"hr": full_hr[best], "ndcg": full_ndcg[best]}
     val = load_candidates(prepared / "data/candidates/val.npz")
     chosen = MLP.from_state_dict(torch.load(models / "mlp.trainonly.pt", weights_only=True))
-    assert evaluate_ranking(chosen, val, 10) == pytest.approx((float(row[2]), float(row[3])), abs=1e-6)
+    assert evaluate_ranking(chosen, val, 10) == pytest.approx((hr[best], ndcg[best]), abs=1e-6)
     refitted = torch.load(models / "mlp.pt", weights_only=True)
     assert any(not torch.equal(v, chosen.state_dict()[k]) for k, v in refitted.items())
 
     proc = stage("evaluate", *EVALUATE_ARGS, cwd=prepared)
     assert proc.returncode == 0, proc.stderr
-    metrics = json.loads((prepared / "metrics/test.json").read_text())
-    assert set(metrics) == {"k", "full_rank_users", "itempop", "mlp"} and metrics["k"] == 10
+    assert sorted(p.name for p in (prepared / "metrics/test").iterdir()) == ["itempop.json", "mlp.json"]
+    metrics = {name: json.loads((prepared / f"metrics/test/{name}.json").read_text()) for name in ("itempop", "mlp")}
     for name in ("itempop", "mlp"):
         assert set(metrics[name]) == {"hr", "ndcg", "mrr", "full"}
         assert set(metrics[name]["full"]) == {"hr", "ndcg", "mrr"}
@@ -203,14 +228,17 @@ def test_mlp_stage_then_evaluate(prepared: Path) -> None:
     bars = json.loads((prepared / "metrics/intervals.json").read_text())
     split = load_split(prepared / "data/prepared")
     assert bars["users"] == len(split.test_users) and set(bars["models"]) == {"itempop", "mlp"}
+    assert bars["k"] == 10 and bars["full_rank_users"] == bars["users"]  # at most 10000: every user
     assert bars["models"]["itempop"]["sampled"]["hr"]["mean"] == metrics["itempop"]["hr"]
     assert bars["models"]["mlp"]["full"]["ndcg"]["mean"] == metrics["mlp"]["full"]["ndcg"]
     assert "vs_itempop" in bars["models"]["mlp"]["sampled"]
     # the reference of each protocol: the better by validation HR of the train-only checkpoints
-    val_hr = {name: json.loads((prepared / f"metrics/training/{name}.json").read_text()) for name in ("itempop", "mlp")}
-    for protocol, key in (("sampled", "val_hr"), ("full", "val_full_hr")):
-        assert {n: bars["validation"][n][protocol]["hr"] for n in val_hr} == {n: s[key] for n, s in val_hr.items()}
-        best = max(val_hr, key=lambda n: (val_hr[n][key], val_hr[n][key.replace("hr", "ndcg")]))
+    val = {name: json.loads((prepared / f"metrics/training/{name}/metrics.json").read_text())
+           for name in ("itempop", "mlp")}
+    for protocol in ("sampled", "full"):
+        of = {n: s["full"] if protocol == "full" else s for n, s in val.items()}  # that protocol's {hr, ndcg}
+        assert {n: bars["validation"][n][protocol]["hr"] for n in of} == {n: s["hr"] for n, s in of.items()}
+        best = max(of, key=lambda n: (of[n]["hr"], of[n]["ndcg"]))
         assert bars["reference"][protocol] == best
         other = "mlp" if best == "itempop" else "itempop"
         entry = bars["models"][other][protocol]["vs_reference"]
@@ -229,7 +257,8 @@ def test_neumf_needs_the_gmf_and_mlp_checkpoints(prepared: Path) -> None:
     assert stage("sample_negatives", "data/prepared", "data/candidates", cwd=prepared).returncode == 0
     err = user_error(stage("train", "neumf", *TRAIN_ARGS, cwd=prepared))
     assert "data/models/gmf.trainonly.pt: not found; run `dvc repro` to train gmf" in err
-    assert not (prepared / "data/models/neumf.pt").exists() and not (prepared / "metrics/training").exists()
+    assert not (prepared / "data/models/neumf.pt").exists() and not (prepared / "metrics/training/neumf").exists()
+    assert not [p for p in (prepared / "metrics").rglob("*") if p.is_file()]  # no log, not even a partial one
 
 
 # --- full ranking of a seeded sample of test users (full_rank_users) ------------------------------
@@ -247,7 +276,7 @@ def test_full_rank_sample_is_seeded_sorted_and_all_when_small() -> None:
 
 def test_full_rank_users_samples_the_full_ranking_exactly(prepared: Path) -> None:
     """A sample of all users gives the full metrics exactly; a smaller one is the same per-user ranks,
-    restricted to the sample, named in test.json, with wider intervals; compare refuses to mix them."""
+    restricted to the sample, named in intervals.json, with wider intervals; compare refuses to mix them."""
     from pipeline.compare import Run, compare
     from pipeline.evaluate import UNRANKED
     from pipeline.metrics import per_user
@@ -264,19 +293,21 @@ def test_full_rank_users_samples_the_full_ranking_exactly(prepared: Path) -> Non
         assert proc.returncode == 0, proc.stderr
         with np.load(prepared / "data/ranks.npz") as z:
             ranks = {key: z[key] for key in z.files}
-        return (json.loads((prepared / "metrics/test.json").read_text()),
+        test = {p.stem: json.loads(p.read_text()) for p in sorted((prepared / "metrics/test").iterdir())}
+        assert list(test) == ["itempop", "mlp"]
+        return (test,
                 json.loads((prepared / "metrics/intervals.json").read_text()), ranks)
 
     every, every_bars, every_ranks = evaluate(0)
     n = len(every_ranks["users"])
-    assert every["full_rank_users"] == every_bars["full_rank_users"] == n == 60
+    assert every_bars["full_rank_users"] == n == 60
     for limit in (n, 10_000):  # a sample of at least every user is every user: the same outputs
         metrics, bars, ranks = evaluate(limit)
         assert metrics == every and bars == every_bars
         assert all(np.array_equal(ranks[key], every_ranks[key]) for key in every_ranks)
 
     some, some_bars, some_ranks = evaluate(20)
-    assert some["full_rank_users"] == some_bars["full_rank_users"] == 20
+    assert some_bars["full_rank_users"] == 20
     for model in ("itempop", "mlp"):
         full = some_ranks[f"{model}/full"]
         ranked = full != UNRANKED

@@ -27,8 +27,8 @@ from pipeline.models.mf import MF
 from pipeline.models.mlp import MLP
 from pipeline.models.neumf import NeuMF
 from pipeline.sampling import ComplementSampler
-from pipeline.train import build, checkpoint_paths, save_checkpoint, train_closed_form, train_neural
-from pipeline.training import (CHUNK_PAIRS, EpochStats, FitConfig, Validation, curve_csv, epoch_chunks,
+from pipeline.train import EpochLog, build, checkpoint_paths, save_checkpoint, train_closed_form, train_neural
+from pipeline.training import (CHUNK_PAIRS, EpochStats, FitConfig, Validation, epoch_chunks,
                                evaluate_ranking, fit, fit_and_refit, make_optimizer, positives,
                                seeded_generator)
 
@@ -493,10 +493,115 @@ def test_the_chunk_size_does_not_change_a_one_chunk_fit():
     assert c[1][-1].loss < c[1][0].loss
 
 
-def test_curve_csv():
-    text = curve_csv([EpochStats(1, 0.6931, 0.25, 0.125, 0.05, 0.02), EpochStats(2, math.nan, 1.0, 1 / 3)])
-    assert text == ("epoch,loss,val_hr,val_ndcg,val_full_hr,val_full_ndcg\n1,0.693100,0.250000,0.125000,0.050000,"
-                    "0.020000\n2,,1.000000,0.333333,,\n")
+# --- the live log of a validated run (pipeline.train.EpochLog, through DVCLive) --------------------
+
+def live_files(live_dir) -> dict[str, bytes]:
+    """Every file under a DVCLive directory: {path relative to it: its bytes}."""
+    return {str(p.relative_to(live_dir)): p.read_bytes() for p in sorted(live_dir.rglob("*")) if p.is_file()}
+
+
+def read_json(path) -> dict:
+    import json
+    return json.loads(path.read_text())
+
+
+def test_epoch_log_writes_each_epoch_as_it_ends(tmp_path):
+    live = tmp_path / "training" / "mlp"
+    log = EpochLog(live)
+    log(EpochStats(1, 0.6931, 0.3, 0.125, 0.05, 0.02))
+    epoch_1 = {"plots/metrics/loss.tsv": b"step\tloss\n1\t0.6931\n", "plots/metrics/hr.tsv": b"step\thr\n1\t0.3\n",
+               "plots/metrics/ndcg.tsv": b"step\tndcg\n1\t0.125\n", "plots/metrics/full/hr.tsv": b"step\thr\n1\t0.05\n",
+               "plots/metrics/full/ndcg.tsv": b"step\tndcg\n1\t0.02\n"}
+    files = live_files(live)
+    assert files.pop("metrics.json") and files == epoch_1  # on disk as soon as the epoch ends
+    # while training, metrics.json is DVCLive's summary of the latest epoch
+    assert read_json(live / "metrics.json") == {"loss": 0.6931, "hr": 0.3, "ndcg": 0.125,
+                                                "full": {"hr": 0.05, "ndcg": 0.02}, "step": 1}
+    log(EpochStats(2, 0.51234567, 1 / 3, 0.0412345678, 0.1, 2 / 3))  # rounded to 6 decimals
+    epoch_2 = {"plots/metrics/loss.tsv": b"step\tloss\n1\t0.6931\n2\t0.512346\n",
+               "plots/metrics/hr.tsv": b"step\thr\n1\t0.3\n2\t0.333333\n",
+               "plots/metrics/ndcg.tsv": b"step\tndcg\n1\t0.125\n2\t0.041235\n",
+               "plots/metrics/full/hr.tsv": b"step\thr\n1\t0.05\n2\t0.1\n",
+               "plots/metrics/full/ndcg.tsv": b"step\tndcg\n1\t0.02\n2\t0.666667\n"}
+    files = live_files(live)
+    assert files.pop("metrics.json") and files == epoch_2
+    assert read_json(live / "metrics.json") == {"loss": 0.512346, "hr": 0.333333, "ndcg": 0.041235,
+                                                "full": {"hr": 0.1, "ndcg": 0.666667}, "step": 2}
+    # the end: the chosen epoch's validation metrics, no loss and no step; the curves as they were
+    log.close(EpochStats(1, 0.6931, 0.3, 0.125, 0.05, 0.02), 1)
+    files = live_files(live)
+    assert files.pop("metrics.json") and files == epoch_2  # nothing else: no dvc.yaml, no report
+    assert read_json(live / "metrics.json") == {"epoch": 1, "hr": 0.3, "ndcg": 0.125,
+                                                "full": {"hr": 0.05, "ndcg": 0.02}}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["training"]  # nothing outside its directory
+
+
+def test_epoch_log_writes_no_row_for_a_missing_value(tmp_path):
+    # a closed-form model: one step, no loss
+    log = EpochLog(tmp_path / "ease")
+    row = EpochStats(1, math.nan, 0.5, 0.25, 0.125, 0.0625)
+    log(row)
+    log.close(row, None)
+    assert live_files(tmp_path / "ease") == {
+        "metrics.json": b'{\n  "hr": 0.5,\n  "ndcg": 0.25,\n  "full": {\n    "hr": 0.125,\n'
+                        b'    "ndcg": 0.0625\n  }\n}\n',
+        "plots/metrics/full/hr.tsv": b"step\thr\n1\t0.125\n", "plots/metrics/full/ndcg.tsv": b"step\tndcg\n1\t0.0625\n",
+        "plots/metrics/hr.tsv": b"step\thr\n1\t0.5\n", "plots/metrics/ndcg.tsv": b"step\tndcg\n1\t0.25\n"}
+    assert "epoch" not in read_json(tmp_path / "ease/metrics.json")  # close(row, None): no epoch
+    # an epoch without full ranking (val_full_* NaN) writes no full row; none at all: no full/ file
+    log = EpochLog(tmp_path / "gmf")
+    log(EpochStats(1, 0.7, 0.5, 0.25))
+    assert not (tmp_path / "gmf/plots/metrics/full").exists()
+    log(EpochStats(2, 0.6, 0.75, 0.5, 0.125, 0.0625))
+    log(EpochStats(3, 0.5, 0.5, 0.25))
+    files = live_files(tmp_path / "gmf")
+    assert files["plots/metrics/full/hr.tsv"] == b"step\thr\n2\t0.125\n"
+    assert files["plots/metrics/full/ndcg.tsv"] == b"step\tndcg\n2\t0.0625\n"
+    assert files["plots/metrics/hr.tsv"] == b"step\thr\n1\t0.5\n2\t0.75\n3\t0.5\n"
+    assert files["plots/metrics/loss.tsv"] == b"step\tloss\n1\t0.7\n2\t0.6\n3\t0.5\n"
+    log.close(EpochStats(2, 0.6, 0.75, 0.5, 0.125, 0.0625), 2)
+    assert read_json(tmp_path / "gmf/metrics.json") == {"epoch": 2, "hr": 0.75, "ndcg": 0.5,
+                                                        "full": {"hr": 0.125, "ndcg": 0.0625}}
+
+
+def test_epoch_log_starts_afresh(tmp_path):
+    """A rerun in the same directory: the former run's curves are gone, not appended to."""
+    log = EpochLog(tmp_path / "mlp")
+    for epoch in (1, 2, 3):
+        log(EpochStats(epoch, 0.5, 0.5, 0.25, 0.125, 0.0625))
+    log.close(EpochStats(1, 0.5, 0.5, 0.25, 0.125, 0.0625), 1)
+    log = EpochLog(tmp_path / "mlp")  # now a closed-form model, say: no loss.tsv may stay behind
+    log(EpochStats(1, math.nan, 0.25, 0.125, 0.0625, 0.03125))
+    log.close(EpochStats(1, math.nan, 0.25, 0.125, 0.0625, 0.03125), None)
+    files = live_files(tmp_path / "mlp")
+    assert sorted(files) == ["metrics.json", "plots/metrics/full/hr.tsv", "plots/metrics/full/ndcg.tsv",
+                             "plots/metrics/hr.tsv", "plots/metrics/ndcg.tsv"]
+    assert files["plots/metrics/hr.tsv"] == b"step\thr\n1\t0.25\n"
+    assert read_json(tmp_path / "mlp/metrics.json") == {"hr": 0.25, "ndcg": 0.125,
+                                                        "full": {"hr": 0.0625, "ndcg": 0.03125}}
+
+
+def test_fit_calls_on_row_once_per_validated_epoch_as_it_ends():
+    train_csr, cands, _ = planted_problem(20, 16)
+    val = Validation.of(cands, train_csr, 0, 0)  # both protocols, as in the train stage
+    events = []
+    _, curve, best = fit(seeded_mlp(0, n_users=20, n_items=16), train_csr, val, toy_config(0.01, 3),
+                         on_row=lambda row: events.append(("row", row)),
+                         on_epoch=lambda epoch, model, kept: events.append(("epoch", epoch)) or True)
+    assert [kind for kind, _ in events] == ["row", "epoch"] * 3  # each row before its epoch's end
+    rows = [row for kind, row in events if kind == "row"]
+    assert rows == curve and all(a is b for a, b in zip(rows, curve))  # the curve's own rows
+    assert [row.epoch for row in rows] == [1, 2, 3] and all(math.isfinite(row.loss) for row in rows)
+    assert all(math.isfinite(row.val_hr) and math.isfinite(row.val_full_hr) for row in rows)
+    # stopped early: the epochs it ran
+    rows = []
+    _, curve, _ = fit(seeded_mlp(0, n_users=20, n_items=16), train_csr, val, toy_config(0.01, 5), on_row=rows.append,
+                      on_epoch=lambda epoch, model, kept: epoch < 2)
+    assert rows == curve and len(rows) == 2
+    # without validation (a refit) there is no validated epoch: never called
+    rows = []
+    _, curve, _ = fit(seeded_mlp(0, n_users=20, n_items=16), train_csr, None, toy_config(0.01, 2), on_row=rows.append)
+    assert rows == [] and len(curve) == 2
 
 
 def test_make_optimizer_is_fused_adam_over_every_parameter_of_small_tables():
@@ -659,6 +764,27 @@ def test_fit_and_refit_equals_a_sequential_refit(refit_path, monkeypatch, best):
     assert not torch.equal(refit_state["user_embedding.weight"], chosen["user_embedding.weight"])
 
 
+def test_fit_and_refit_passes_on_row_to_the_validated_run_only(refit_path):
+    import os
+    import threading
+    train_csr, refit_on, val = refit_problem()
+    rows, callers = [], set()
+
+    def on_row(row):
+        rows.append(row)
+        callers.add((os.getpid(), threading.get_ident()))
+
+    refit_state, chosen, curve, best = fit_and_refit(make_refit_model, train_csr, refit_on, val, REFIT_CFG, CPU, "mlp",
+                                                     on_row=on_row)
+    assert len(rows) == REFIT_CFG.epochs and rows == curve  # the validated run's rows, not the refit's too
+    assert [row.epoch for row in rows] == list(range(1, REFIT_CFG.epochs + 1))
+    assert all(math.isfinite(row.val_hr) for row in rows)  # validated: a refit's rows have no validation
+    assert callers == {(os.getpid(), threading.get_ident())}  # the validated run, in the caller's thread
+    # the validated run as a plain fit gives it, without the callback
+    plain, plain_curve, plain_best = fit(make_refit_model(False), train_csr, val, REFIT_CFG, CPU, "mlp")
+    assert plain_best == best and plain_curve == curve and all(torch.equal(chosen[k], plain[k]) for k in plain)
+
+
 def poisoned(model: MLP, poison: bool) -> MLP:
     if poison:
         original = model.forward
@@ -763,7 +889,59 @@ def test_the_refit_stage_fails_cleanly_and_writes_no_checkpoint(prepared):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: mlp: the refit on train + validation failed (its process was killed by signal 9: "
                       "out of memory?); no checkpoint was written"], proc.stderr
-    assert not list((prepared / "data").glob("models/mlp*")) and not (prepared / "metrics/training/mlp.csv").exists()
+    assert not list((prepared / "data").glob("models/mlp*")) and not (prepared / "metrics/training/mlp").exists()
+    assert not [p for p in prepared.glob("metrics/**/*") if p.is_file()]  # no log, not even a partial one
+
+
+@pytest.mark.parametrize("failure, code", [("PipelineError('stopped at epoch 2')", 2), ("KeyboardInterrupt", 130)])
+def test_the_train_stage_logs_live_and_a_failure_leaves_no_log(prepared, failure, code):
+    """The stage writes each epoch's row as it ends (a reader sees epochs 1 and 2 during the run); when
+    the run then fails (an error, or Ctrl-C), metrics/training/mlp/ is removed and no checkpoint written."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO, set_params, stage
+    set_params(prepared, epochs=4, batch_size=64, layers=[16, 8])
+    assert stage("sample_negatives", "data/prepared", "data/candidates", cwd=prepared).returncode == 0
+    script = (  # the stage's own main, with a look at its live log after each epoch, failing after epoch 2
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "import pipeline.train as train\n"
+        "from pipeline.common import PipelineError, run_stage\n"
+        "log_row = train.EpochLog.__call__\n"
+        "def seen(self, row):\n"
+        "    log_row(self, row)\n"
+        "    live = Path('metrics/training/mlp')\n"
+        "    print(json.dumps({'epoch': row.epoch, 'files': {str(p.relative_to(live)): p.read_text()\n"
+        "        for p in sorted(live.rglob('*')) if p.is_file()}}), flush=True)\n"
+        f"    if row.epoch == 2: raise {failure}\n"
+        "train.EpochLog.__call__ = seen\n"
+        "sys.argv = ['train', 'mlp', 'data/prepared', 'data/candidates', 'data/models', 'metrics/training']\n"
+        "run_stage(train.main)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=prepared, capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == code and "Traceback" not in proc.stderr, proc.stderr
+    if code == 2:
+        assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == ["error: stopped at epoch 2"]
+    seen = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [s["epoch"] for s in seen] == [1, 2]
+    for s in seen:
+        files, epoch = s["files"], s["epoch"]
+        assert sorted(files) == ["metrics.json", "plots/metrics/full/hr.tsv", "plots/metrics/full/ndcg.tsv",
+                                 "plots/metrics/hr.tsv", "plots/metrics/loss.tsv", "plots/metrics/ndcg.tsv"]
+        for path, text in files.items():
+            if path.endswith(".tsv"):
+                header, *rows = text.splitlines()
+                assert header == f"step\t{path.rsplit('/', 1)[-1][:-4]}"
+                assert [int(r.split("\t")[0]) for r in rows] == list(range(1, epoch + 1))  # every epoch so far
+                assert all(0 < float(r.split("\t")[1]) < 1 for r in rows if "loss" not in path)
+        summary = json.loads(files["metrics.json"])  # DVCLive's, of the latest epoch
+        assert summary["step"] == epoch
+        assert f"{epoch}\t{summary['hr']}" == files["plots/metrics/hr.tsv"].splitlines()[-1]
+    assert not (prepared / "metrics/training/mlp").exists()
+    assert not [p for p in prepared.glob("metrics/**/*") if p.is_file()]
+    assert not list((prepared / "data").glob("models/mlp*"))
 
 
 # --- dropout draws from the run's own generator ----------------------------------------------------

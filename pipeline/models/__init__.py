@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # the interface's types; importing this package imports no to
     import torch
 
     from pipeline.data import History
-    from pipeline.params import Spec
+    from pipeline.params import Search, Spec
 
 PACKAGE = Path(__file__).parent
 
@@ -37,6 +37,7 @@ class Model:
     label: ClassVar[str]  # the display name, in every table and chart: "MLP"
     neural: ClassVar[bool]  # trained by the shared epoch loop (True), or fitted in closed form (False)
     params: ClassVar[Mapping[str, "Spec"]] = {}  # its knobs: the fields of its section in params.yaml
+    search: ClassVar[Mapping[str, "Search"]] = {}  # the knobs `python -m pipeline.tune` searches, and their ranges
     top_level: ClassVar[bool] = False  # its knobs are top-level keys instead (the MLP: the user's contract)
     always_trained: ClassVar[bool] = False  # has a stage of its own (train_<name>), not chosen by `models`
     fused_from: ClassVar[tuple[str, ...]] = ()  # starts from these models' checkpoints (stage fuse@<name>)

@@ -10,7 +10,7 @@ import torch
 from pipeline.common import PipelineError
 from pipeline.data import History, matrix_of
 from pipeline.models import Model
-from pipeline.params import Spec
+from pipeline.params import Search, Spec
 
 EXACT_EASE_ITEMS = 16_384  # EASE inverts in float64 up to this many items (2 GB), in float32 above
 MAX_EASE_ITEMS = 40_000  # float32: 6.4 GB for the one items x items matrix
@@ -22,6 +22,7 @@ class EASE(Model):
     label = "EASE"
     neural = False
     params = {"lambda": Spec("float", 0.0, 1e12, low_open=True, doc="L2 weight on the item-item weights, > 0")}
+    search = {"lambda": Search(10.0, 5000.0, log=True)}
 
     def __init__(self, weights: torch.Tensor, history: History | sp.csr_matrix):
         self.weights = weights  # [n_items, n_items], zero diagonal

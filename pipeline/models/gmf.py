@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from pipeline.models._neural import PairScorer, factor_sizes
-from pipeline.params import LOOP, Spec
+from pipeline.params import LOOP, Search, Spec
 
 
 class GMF(PairScorer):
@@ -14,6 +14,8 @@ class GMF(PairScorer):
 
     label = "GMF"
     params = {"factors": Spec("int", 1, 65536, doc="embedding size of users and items"), **LOOP}
+    search = {"factors": Search(choices=(8, 16, 32, 64)), "lr": Search(1e-4, 3e-2, log=True),
+              "weight_decay": Search(1e-3, 1.0, log=True), "negatives": Search(1, 10)}
 
     @classmethod
     def from_params(cls, n_users: int, n_items: int, section: dict) -> "GMF":

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from pipeline.models._neural import PairScorer, factor_sizes
-from pipeline.params import LOOP, Spec
+from pipeline.params import LOOP, Search, Spec
 
 
 class MF(PairScorer):
@@ -14,6 +14,9 @@ class MF(PairScorer):
 
     label = "MF"
     params = {"factors": Spec("int", 1, 65536, doc="embedding size of users and items"), **LOOP}
+    # `epochs` is the budget, not searched: the best epoch within it is chosen on validation
+    search = {"factors": Search(choices=(16, 32, 64, 128)), "lr": Search(1e-4, 3e-2, log=True),
+              "weight_decay": Search(1e-3, 1.0, log=True), "negatives": Search(1, 10)}
 
     @classmethod
     def from_params(cls, n_users: int, n_items: int, section: dict) -> "MF":

@@ -13,7 +13,7 @@ from torch import nn
 
 from pipeline.common import PipelineError
 from pipeline.models._neural import PairScorer, tower_widths
-from pipeline.params import DROPOUT, LOOP, Spec
+from pipeline.params import DROPOUT, LOOP, Search, Spec
 
 
 class MLP(PairScorer):
@@ -28,6 +28,9 @@ class MLP(PairScorer):
         "dropout": DROPOUT,
         **LOOP,
     }
+    search = {"layers": Search(choices=((64, 32, 16, 8), (128, 64, 32, 16), (256, 128, 64, 32))),
+              "lr": Search(1e-4, 3e-2, log=True), "weight_decay": Search(1e-3, 0.5, log=True),
+              "dropout": Search(0.0, 0.5), "negatives": Search(1, 10)}
 
     @classmethod
     def check(cls, section: dict, source: str) -> None:

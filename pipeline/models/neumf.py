@@ -9,7 +9,7 @@ from torch import nn
 from pipeline.models._neural import PairScorer, tower_widths
 from pipeline.models.gmf import GMF
 from pipeline.models.mlp import MLP
-from pipeline.params import DROPOUT, LOOP, Spec
+from pipeline.params import DROPOUT, LOOP, Search, Spec
 
 
 class NeuMF(PairScorer):
@@ -20,6 +20,8 @@ class NeuMF(PairScorer):
     params = {"dropout": DROPOUT, **LOOP,
               "optimizer": Spec("choice", choices=("adam", "sgd"), doc="fine-tuning: adam (AdamW, fresh moments) "
                                                                       "or sgd (plain SGD, the NCF paper's recipe)")}
+    search = {"optimizer": Search(choices=("sgd", "adam")), "lr": Search(1e-4, 1e-1, log=True),
+              "weight_decay": Search(0.0, 0.1), "dropout": Search(0.0, 0.5), "negatives": Search(1, 10)}
 
     @classmethod
     def from_sources(cls, sources: list, section: dict) -> "NeuMF":

@@ -23,7 +23,7 @@ from torch import nn
 from pipeline.common import PipelineError, inverted_dropout
 from pipeline.data import History
 from pipeline.models import Model
-from pipeline.params import DROPOUT, LOOP, Spec
+from pipeline.params import DROPOUT, LOOP, Search, Spec
 from pipeline.sampling import ComplementSampler
 
 
@@ -90,6 +90,8 @@ class SASRec(nn.Module, Model):
         "lr": LOOP["lr"], "weight_decay": LOOP["weight_decay"], "epochs": LOOP["epochs"],
         "batch_size": Spec("int", 1, 2**20, doc="users (sequences) per step"),
     }
+    search = {"hidden": Search(choices=(32, 64, 128)), "blocks": Search(1, 3), "dropout": Search(0.0, 0.5),
+              "lr": Search(1e-4, 1e-2, log=True), "weight_decay": Search(0.0, 0.1)}
 
     @classmethod
     def check(cls, section: dict, source: str) -> None:
