@@ -111,8 +111,9 @@ def replicated(a: np.ndarray, b: np.ndarray) -> Estimate:
     variance of their grand mean is that of the matched pairs' mean differences (the ANOVA's runs
     mean square over runs x users: a t-test over the pairs, with runs - 1 degrees of freedom), plus,
     when the users mean square exceeds the residual one, the users' own consistent preference for one
-    side ((MS_users - MS_residual) / (runs x users)), with Satterthwaite's degrees of freedom. With
-    one run a side it is the paired t-test over users.
+    side ((MS_users - MS_residual) / (runs x users)), with Satterthwaite's degrees of freedom. A runs
+    mean square below the residual one is floored at it. With one run a side it is the paired t-test
+    over users.
     """
     x = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
     runs, n = x.shape
@@ -124,10 +125,14 @@ def replicated(a: np.ndarray, b: np.ndarray) -> Estimate:
     ms_users = runs * ((user_means - mean) ** 2).sum() / (n - 1)
     resid = x - run_means[:, None] - user_means[None, :] + mean
     ms_error = (resid ** 2).sum() / ((runs - 1) * (n - 1))
-    combined, df = ms_runs, runs - 1.0
+    # E[MS_runs] is at least the residual variance: runs that happen to agree (MS_runs below MS_residual,
+    # even 0 when the run means are equal) are floored at it, never taken as a variance of 0; the
+    # degrees of freedom stay the runs' (pooling them with the residual's would be liberal: simulated)
+    runs_term, runs_df = max(ms_runs, ms_error), runs - 1.0
+    combined, df = runs_term, runs_df
     if ms_users > ms_error:
-        combined = ms_runs + ms_users - ms_error
-        df = combined ** 2 / (ms_runs ** 2 / (runs - 1) + ms_users ** 2 / (n - 1)
+        combined = runs_term + ms_users - ms_error
+        df = combined ** 2 / (runs_term ** 2 / runs_df + ms_users ** 2 / (n - 1)
                               + ms_error ** 2 / ((runs - 1) * (n - 1)))
     if combined == 0:
         return Estimate(mean, mean, mean, n, 1.0 if mean == 0 else 0.0)

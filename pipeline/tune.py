@@ -43,17 +43,20 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
 from pipeline.common import PipelineError, configure_torch, pick_device, run_stage, write_text
 from pipeline.models import get as get_model, list_models
-from pipeline.params import PARAMS_FILE, Search, Spec, is_trained, load_params, model_section, validate
+from pipeline.params import (PARAMS_FILE, Search, Spec, _convert, is_trained, load_params, model_section,
+                             validate)
 
 log = logging.getLogger("tune")
 
 DEFAULT_STORAGE = "data/tune/journal.log"  # Optuna's journal file: several processes may share it
 PRUNERS = ("median", "hyperband", "none")
+HEARTBEAT_S, GRACE_S = 60, 600  # a database storage's heartbeat: every minute; dead after ten
 SIGNIFICANT = 3  # a sampled number is rounded to this many significant digits, and trained as rounded
 
 
@@ -67,7 +70,10 @@ def parse_space(text: str) -> tuple[str, Search]:
     if not sep or not key:
         raise PipelineError(f"--space {text!r}: expected KEY=LOW:HIGH[:log] or KEY=[A,B,...]")
     if value.startswith("["):
-        choices = yaml.safe_load(value)
+        try:
+            choices = yaml.safe_load(value)
+        except yaml.YAMLError:
+            choices = None
         if not isinstance(choices, list) or not choices:
             raise PipelineError(f"--space {text!r}: the choices must be a non-empty list, as [A,B,...]")
         return key, Search(choices=tuple(tuple(c) if isinstance(c, list) else c for c in choices))
@@ -92,7 +98,9 @@ def space_of(name: str, overrides: dict[str, Search]) -> dict[str, Search]:
         if spec is None:
             raise PipelineError(f"{where}: not a knob of {name} (its knobs: {', '.join(cls.params) or 'none'})")
         if search.choices:
-            continue  # each choice is checked as a value when a trial uses it (validate)
+            for choice in search.choices:  # each a value the knob allows
+                _convert(key, list(choice) if isinstance(choice, tuple) else choice, where, spec)
+            continue
         if spec.kind not in ("int", "float"):
             raise PipelineError(f"{where}: {key!r} is {spec.describe()}: give choices, as {key}=[A,B]")
         if not search.low < search.high:
@@ -122,7 +130,9 @@ def suggest(trial, name: str, space: dict[str, Search]) -> dict[str, Any]:
         elif cls.params[key].kind == "int":
             values[key] = trial.suggest_int(key, int(search.low), int(search.high), log=search.log)
         else:
-            values[key] = _round(trial.suggest_float(key, search.low, search.high, log=search.log))
+            x = trial.suggest_float(key, search.low, search.high, log=search.log)
+            rounded = _round(x)
+            values[key] = rounded if search.low <= rounded <= search.high else x  # never out of the range
     return values
 
 
@@ -164,6 +174,7 @@ def write_params(path: Path, assigned: dict[str, Any]) -> None:
 
     yaml = YAML()
     yaml.width = 4096  # never re-wrap a line
+    yaml.preserve_quotes = True  # `custom_sep: ","` stays as written
     doc = yaml.load(path.read_text(encoding="utf-8"))
     for key, value in assigned.items():
         node, *parts = doc, *key.split(".")
@@ -181,18 +192,19 @@ def write_params(path: Path, assigned: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- saving trials
 
 @contextlib.contextmanager
-def sigint_deferred() -> Iterator[None]:
-    """Hold Ctrl-C until the block ends (a save or a storage write is never cut in half)."""
-    if sys.platform == "win32" or not _main_thread():
-        yield
-        return
+def sigint_deferred(raise_after: bool = True) -> Iterator[list[int]]:
+    """Hold Ctrl-C until the block ends (a save or a storage write is never cut in half); then raise
+    it, or (raise_after False) leave it in the yielded list for the caller to act on."""
     caught: list[int] = []
+    if sys.platform == "win32" or not _main_thread():
+        yield caught
+        return
     previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
     try:
-        yield
+        yield caught
     finally:
         signal.signal(signal.SIGINT, previous)
-        if caught:
+        if caught and raise_after:
             raise KeyboardInterrupt
 
 
@@ -235,10 +247,11 @@ class Saver:
                                 f"none ({err}); commit first, or pass --no-save") from None
         self.env = _git_env(root)
         self.lock_path = root / ".dvc" / "tmp" / "tune.lock"
+        self.interrupted = False  # Ctrl-C came during a save: the search stops once the trial is counted
 
     def save(self, exp_name: str, assigned: dict[str, Any], live_dir: Path) -> None:
         self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with sigint_deferred(), open(self.lock_path, "w") as lock:
+        with sigint_deferred(raise_after=False) as caught, open(self.lock_path, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             tree = Path(tempfile.mkdtemp(prefix="tune-", dir=self.lock_path.parent))
             try:
@@ -256,6 +269,7 @@ class Saver:
                 subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=self.root,
                                capture_output=True)
                 shutil.rmtree(tree, ignore_errors=True)
+                self.interrupted = self.interrupted or bool(caught)
 
 
 # ----------------------------------------------------------------------------- one trial
@@ -264,12 +278,13 @@ class Trials:
     """What every trial of one model needs: the data (train and validation only) and how to train."""
 
     def __init__(self, name: str, params: dict, raw: dict, space: dict[str, Search], study: str,
-                 saver: Saver | None, scratch: Path):
+                 saver: Saver | None, scratch: Path, heartbeat=None):
         from pipeline.data import load_candidates, load_split
         from pipeline.training import Validation
 
         self.name, self.params, self.raw, self.space, self.study = name, params, raw, space, study
         self.saver, self.scratch = saver, scratch
+        self.heartbeat = heartbeat  # a database storage: a running trial says it is alive (HEARTBEAT_S)
         self.split = load_split("data/prepared", test=False)  # never the test pairs
         self.val = Validation.of(load_candidates("data/candidates/val.npz"), self.split.train,
                                  params["full_rank_users"], params["candidate_seed"])
@@ -301,9 +316,17 @@ class Trials:
                     if trial.should_prune():
                         raise optuna.TrialPruned(f"pruned after epoch {row.epoch}")
 
+                last_beat = [time.monotonic()]
+
+                def on_batch() -> None:
+                    if self.heartbeat is not None and time.monotonic() - last_beat[0] >= HEARTBEAT_S / 2:
+                        self.heartbeat.record_heartbeat(trial._trial_id)
+                        last_beat[0] = time.monotonic()
+
                 model = build(self.name, self.split, params, Path("data/models"), refitted=False)
                 try:
-                    fit(model, self.split.history(val=False), self.val, cfg, self.device, self.name, on_row=on_row)
+                    fit(model, self.split.history(val=False), self.val, cfg, self.device, self.name,
+                        on_batch=on_batch, on_row=on_row)
                 except optuna.TrialPruned:
                     pruned = True
                 best = max(rows, key=lambda r: r.key(select_by))  # the earliest best, as fit keeps
@@ -345,7 +368,10 @@ def open_storage(url: str | None):
     if url.startswith("postgresql") and "connect_timeout" not in url:
         url += ("&" if "?" in url else "?") + "connect_timeout=5"  # an unreachable server fails, not hangs
     try:
-        return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=120)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            # a trial whose worker stops beating for GRACE_S (killed, its machine gone) is failed by the others
+            return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
     except Exception as err:  # sqlalchemy's errors name the server; keep their first line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise PipelineError(f"--storage {url.split('?')[0]}: cannot open the study storage: {first}") from None
@@ -396,11 +422,21 @@ def search(study, trials: Trials, total: int, timeout: float | None) -> None:
     import optuna
     from optuna.trial import TrialState
 
+    heartbeat = trials.heartbeat
+
     deadline = None if timeout is None else time.monotonic() + timeout
     while len(finished(study)) < total and (deadline is None or time.monotonic() < deadline):
-        with sigint_deferred():
+        if heartbeat is not None:
+            optuna.storages.fail_stale_trials(study)  # a worker gone on another machine
+        with sigint_deferred(raise_after=False) as caught:
             trial = study.ask()
             trial.set_user_attr("worker", WORKER)
+            if caught:
+                study.tell(trial, state=TrialState.FAIL)
+            elif heartbeat is not None:
+                heartbeat.record_heartbeat(trial._trial_id)
+        if caught:
+            raise KeyboardInterrupt
         if over_budget(study, trial, total):
             with sigint_deferred():
                 study.tell(trial, state=TrialState.FAIL)  # never run: another worker took the last one
@@ -411,6 +447,8 @@ def search(study, trials: Trials, total: int, timeout: float | None) -> None:
         except optuna.TrialPruned:
             with sigint_deferred():
                 study.tell(trial, state=TrialState.PRUNED)
+            if trials.saver is not None and trials.saver.interrupted:
+                raise KeyboardInterrupt from None
             log.info("trial %d pruned (%.1f s)", trial.number, time.perf_counter() - start)
             continue
         except BaseException:
@@ -419,6 +457,8 @@ def search(study, trials: Trials, total: int, timeout: float | None) -> None:
             raise
         with sigint_deferred():
             study.tell(trial, value)
+        if trials.saver is not None and trials.saver.interrupted:
+            raise KeyboardInterrupt  # after the trial it saved was counted
         log.info("trial %d: validation HR@%d %.4f (best %.4f, trial %d; %.1f s)", trial.number,
                  trials.params["topK"], value, study.best_value, study.best_trial.number, time.perf_counter() - start)
 
@@ -513,15 +553,15 @@ def main() -> None:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
     logging.getLogger("training").setLevel(logging.WARNING)  # a line per trial, not per epoch
     storage = open_storage(args.storage)
     study_name = args.study or f"tune-{name}"
     cls = get_model(name)
     epochs = model_section(params, name).get("epochs") if cls.neural else None
-    sampler = optuna.samplers.TPESampler(seed=params["seed"] + 1000 * args.worker)
     try:
         study = optuna.create_study(storage=storage, study_name=study_name, direction="maximize",
-                                    sampler=sampler, pruner=make_pruner(args.pruner, epochs), load_if_exists=True)
+                                    pruner=make_pruner(args.pruner, epochs), load_if_exists=True)
     except Exception as err:
         if isinstance(err, PipelineError):
             raise
@@ -529,6 +569,8 @@ def main() -> None:
         raise PipelineError(f"--storage: cannot open study {study_name!r}: {first}") from None
     check_study(study, name, space, params)
     fail_dead(study)
+    # Seeded per worker and per resumption (a resumed study must not repeat its first trials' draws)
+    study.sampler = optuna.samplers.TPESampler(seed=params["seed"] + 1000 * args.worker + len(study.trials))
     if args.workers > 1:
         run_workers(sys.argv[1:], args.workers)
     else:
@@ -536,7 +578,8 @@ def main() -> None:
         saver = None if args.no_save else Saver(Path.cwd(), name)
         Path(DEFAULT_STORAGE).parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="tune-", dir=Path(DEFAULT_STORAGE).parent) as scratch:
-            trials = Trials(name, params, raw, space, study_name, saver, Path(scratch))
+            heartbeat = storage if isinstance(storage, optuna.storages.RDBStorage) else None
+            trials = Trials(name, params, raw, space, study_name, saver, Path(scratch), heartbeat)
             log.info("%s: %d finished trials of %d; searching %s", study_name, len(finished(study)), args.trials,
                      ", ".join(f"{k} {v.describe()}" for k, v in space.items()))
             try:

@@ -18,8 +18,11 @@ COPIED = ["pipeline", "examples", "dvc.yaml", "params.yaml", ".dvc/config", ".dv
           ".gitignore"]
 ADDED = ["gmf", "mf", "ease"]  # params.yaml's `models`: stage train@<name>
 FUSED = ["neumf"]  # params.yaml's `fused`: stage fuse@<name>
-ALL_MODELS = ["itempop", "mlp", *ADDED, *FUSED]  # the order of test.json: itempop, mlp, models, fused
+ALL_MODELS = ["itempop", "mlp", *ADDED, *FUSED]  # evaluate's order (intervals.json's "models"): itempop, mlp,
+# models, fused; each has metrics/test/<model>.json and the DVCLive directory metrics/training/<model>/
 NEURAL = ("mlp", "gmf", "mf", "neumf")
+CURVES = ("hr", "ndcg", "full/hr", "full/ndcg")  # every model's DVCLive curves (plots/metrics/<name>.tsv); a
+# neural model's also loss
 DATA_STAGES = {"download", "build_matrix", "sample_negatives"}
 LOOP = {"epochs": 2, "batch_size": 64, "negatives": 2}  # every neural model's loop, sized for tiny data
 TINY_PARAMS = {  # the MLP's knobs are top-level keys; dotted keys change one field of a section
@@ -33,6 +36,12 @@ TINY_PARAMS = {  # the MLP's knobs are top-level keys; dotted keys change one fi
 # starts from its checkpoint, evaluate scores it, the report reads the metrics (and recommend, only
 # when the MLP or NeuMF recommends).
 MLP_RERUN = {"train_mlp", "fuse@neumf", "evaluate", "report"}
+
+
+def curve_files(model: str) -> list[str]:
+    """A model's DVCLive per-epoch files (`step\t<name>` rows), relative to the repository."""
+    names = ("loss", *CURVES) if model in NEURAL else CURVES
+    return [f"metrics/training/{model}/plots/metrics/{name}.tsv" for name in names]
 
 
 def stages(models=ADDED, fused=FUSED, data: bool = True, evaluate: bool = True, recommend: bool = True,

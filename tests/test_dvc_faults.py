@@ -7,7 +7,8 @@ Cases from the issue tracker:
    `refit` on, the training process forks a child that refits the model side by side: the child
    dies with its parent (PR_SET_PDEATHSIG), and no process is left;
 2. two queued experiments run by `dvc queue start -j 2`: both succeed and each equals the same
-   experiment run alone with `dvc exp run -S`;
+   experiment run alone with `dvc exp run -S` (in a copy of the project whose DVC run-cache has not
+   seen them, so that they really train);
 3. the same params trained and evaluated with OMP_NUM_THREADS/MKL_NUM_THREADS 1 and 2: byte-identical
    outputs (every stage computes on one intra-op thread, pipeline.common.THREADS: two change the
    bits); and forced to compute on two threads, training with its refit still runs to the end.
@@ -36,7 +37,7 @@ import pytest
 import yaml
 
 from conftest import copy_pipeline, REPO, set_params
-from dvc_project import COPIED, TINY_PARAMS, choose_models, ran_stages
+from dvc_project import COPIED, TINY_PARAMS, choose_models, curve_files, ran_stages
 
 MODELS = ["itempop", "mlp", "gmf"]  # models: [gmf], fused: []; the scenarios change the MLP's (top-level)
 # knobs, and gmf shows the other models stay put
@@ -44,9 +45,12 @@ KILL_EPOCHS = 120  # about 25 ms an epoch here: long enough to kill mid-training
 KILL_AFTER_EPOCH = 5
 QUEUE_EPOCHS = 30
 QUEUE_LRS = ("0.01", "0.001")
-TRAIN_OUTS = ("data/models/mlp.pt", "data/models/mlp.trainonly.pt", "metrics/training/mlp.csv",
-              "metrics/training/mlp.json")
-EVAL_OUTS = ("metrics/test.json", "metrics/intervals.json", "metrics/hr_at_k/mlp.csv", "data/ranks.npz")
+CHECKPOINTS = ("data/models/mlp.pt", "data/models/mlp.trainonly.pt")
+LIVE_SUMMARY = "metrics/training/mlp/metrics.json"  # DVCLive's summary: the latest epoch's, then the chosen one's
+LIVE_HR = "metrics/training/mlp/plots/metrics/hr.tsv"  # one of DVCLive's curves: `step\thr`, a row per epoch
+TRAIN_OUTS = (*CHECKPOINTS, LIVE_SUMMARY, *curve_files("mlp"))  # train_mlp's files
+EVAL_OUTS = (*(f"metrics/test/{m}.json" for m in MODELS), "metrics/intervals.json", "metrics/hr_at_k/mlp.csv",
+             "data/ranks.npz")
 MARKER_VAR = "DVC_FAULTS_TEST_MARKER"
 EPOCH_LINE = r"training: mlp epoch {}:"  # the shared loop's log line for one of the MLP's validated epochs
 # A change to an MLP knob re-runs its stage, evaluate, and the report that reads their metrics (no
@@ -86,6 +90,21 @@ def clone_project(template: Path, dest: Path) -> Path:
 
 def digests(root: Path, paths=TRAIN_OUTS + EVAL_OUTS) -> dict[str, str]:
     return {rel: hashlib.sha256((root / rel).read_bytes()).hexdigest() for rel in paths}
+
+
+def check_partial_log(root: Path) -> int:
+    """After a SIGKILL mid-training: no checkpoint (they are written after the last epoch, by
+    atomic_output), and the live log as DVCLive had written it (the process died before removing it):
+    a row per finished epoch, and a summary with `step`, which a finished run's has not. Return its rows."""
+    assert [rel for rel in CHECKPOINTS if (root / rel).exists()] == []
+    header, *rows = (root / LIVE_HR).read_text().splitlines()
+    steps = [int(row.split("\t")[0]) for row in rows]
+    assert header == "step\thr" and steps == list(range(1, len(steps) + 1)), rows
+    assert KILL_AFTER_EPOCH <= len(steps) < KILL_EPOCHS, steps
+    summary = json.loads((root / LIVE_SUMMARY).read_text())
+    # (a kill between an epoch's rows and its summary leaves the summary one epoch behind)
+    assert "epoch" not in summary and summary["step"] in (len(steps) - 1, len(steps)), (summary, len(steps))
+    return len(steps)
 
 
 def temp_leftovers(root: Path) -> list[str]:
@@ -311,10 +330,12 @@ def test_sigkill_training_mid_epoch_then_repro_equals_uninterrupted(template, ki
     assert "best epoch" not in out and "Running stage 'evaluate'" not in out, out
     last_epoch = max(int(e) for e in re.findall(EPOCH_LINE.format(r"(\d+)"), out))
     assert KILL_AFTER_EPOCH <= last_epoch < KILL_EPOCHS, out
-    # Nothing that looks finished: dvc deleted the previous run's train_mlp outputs before running
-    # it, and the stage writes only after its last epoch (atomic_output), so a mid-epoch kill leaves
-    # neither outputs nor temp files. evaluate's outputs are still the previous params' ones.
-    assert [rel for rel in TRAIN_OUTS if (root / rel).exists()] == []
+    # Nothing that looks finished: dvc deleted the previous run's train_mlp outputs before running it;
+    # the stage writes its checkpoints and final summary only after its last epoch (atomic_output), so
+    # a mid-epoch kill leaves neither those nor temp files, only DVCLive's live log of the epochs done
+    # (the logged epoch lines come after each epoch's row). evaluate's outputs are still the previous
+    # params' ones.
+    assert last_epoch <= check_partial_log(root)
     assert digests(root, EVAL_OUTS) == digests(template, EVAL_OUTS)
     assert temp_leftovers(root) == []
     print(f"\nSIGKILL of train_mlp after epoch {last_epoch} was logged: dvc exited {rc}")
@@ -350,7 +371,7 @@ def test_sigkill_whole_dvc_group_leaves_no_blocking_lock(template, kill_referenc
                for mode, path, pid in held), held
     stale = rwlock_entries(root)
     assert any(mode == "write" and pid == dvc_pid for mode, path, pid in stale), stale
-    assert [rel for rel in TRAIN_OUTS if (root / rel).exists()] == []
+    check_partial_log(root)
     assert temp_leftovers(root) == []
 
     # The next repro is not blocked: DVC sees the pid is dead, drops its entries and re-runs.
@@ -373,8 +394,9 @@ def test_sigkill_whole_dvc_group_leaves_no_blocking_lock(template, kill_referenc
 def leftover_scenario(template, tmp_path_factory, fenv) -> dict:
     """What a kill inside atomic_output's window would leave (dvc had already deleted the stage's
     outputs; `.NAME.PID.XXXXXXXX.tmp` siblings of a dead pid with partial bytes, mode 0600 as mkstemp
-    makes them), then `dvc repro`. The window is a few ms after training, too short to hit with a
-    real signal, so the files are planted."""
+    makes them), then `dvc repro -f -s train_mlp` and `dvc repro`. The window is a few ms after
+    training, too short to hit with a real signal, so the files are planted. (The params are the
+    committed run's: a plain `dvc repro` would restore train_mlp from DVC's run-cache, not run it.)"""
     root = clone_project(template, tmp_path_factory.mktemp("faults") / "leftovers")
     before = digests(root)
     dead = subprocess.Popen(["true"])  # a pid that has exited, for names of the form .NAME.PID.XXXXXXXX.tmp
@@ -382,24 +404,25 @@ def leftover_scenario(template, tmp_path_factory, fenv) -> dict:
     partial_model = (root / "data/models/mlp.pt").read_bytes()[:700]
     planted = {f"data/models/.mlp.pt.{dead.pid}.k1ll3d__.tmp": partial_model,
                f"data/models/.mlp.trainonly.pt.{dead.pid}.k1ll3d__.tmp": partial_model[:300],
-               f"metrics/training/.mlp.csv.{dead.pid}.k1ll3d__.tmp": b"epoch,loss,val_hr,val_ndcg\n1,0.69",
-               f"metrics/training/.mlp.json.{dead.pid}.k1ll3d__.tmp": b""}
+               f"metrics/training/mlp/.metrics.json.{dead.pid}.k1ll3d__.tmp": b'{"epoch": 2, "hr": 0.7'}
     for rel in TRAIN_OUTS:
         (root / rel).unlink()
     for rel, data in planted.items():
         (root / rel).write_bytes(data)
         os.chmod(root / rel, 0o600)
     assert temp_leftovers(root) == sorted(planted)
-    out = dvc_ok("repro", root, fenv)
+    out = dvc_ok("repro -f -s train_mlp", root, fenv)  # runs train_mlp (-f: not from the run-cache), only it
+    then = dvc_ok("repro", root, fenv)
     untracked = git("status --porcelain --untracked-files=all", root, fenv).splitlines()
-    return {"root": root, "before": before, "after": digests(root), "ran": ran_stages(out),
+    return {"root": root, "before": before, "after": digests(root), "ran": ran_stages(out), "then": ran_stages(then),
             "planted": sorted(planted), "left": temp_leftovers(root),
             "git_untracked": sorted(line[3:] for line in untracked if line.startswith("?? "))}
 
 
 def test_leftover_temp_files_do_not_disturb_the_rerun(leftover_scenario):
     s = leftover_scenario
-    assert s["ran"] == {"train_mlp"}  # evaluate's inputs came back identical, so it was skipped
+    assert s["ran"] == {"train_mlp"}
+    assert s["then"] == set()  # evaluate's inputs came back identical, so it was skipped
     assert s["after"] == s["before"]
 
 
@@ -560,20 +583,24 @@ def test_two_queued_experiments_in_parallel_equal_sequential_runs(template, fenv
         assert seen["mirror"] == str(tiny_mirror), seen
     assert all(Path(t["cwd"]).is_relative_to(root / ".dvc/tmp/exps") for t in monitor.trainers.values())
 
-    # The same experiments, run alone, one after the other, in the workspace (train_mlp writes an
-    # uncached output, so DVC keeps no run-cache entry for it: these really re-train).
+    # The same experiments, run alone, one after the other, in a workspace: another copy of the
+    # template, whose DVC cache has not seen them (the queued runs left run-cache entries in this
+    # one's, from which `dvc exp run` would restore every stage without running it): these really train.
+    alone = clone_project(template, tmp_path / "alone")
     sequential = {}
     for lr in QUEUE_LRS:
-        out = dvc_ok(f"exp run -S lr={lr} -S epochs={QUEUE_EPOCHS}", root, fenv)
+        out = dvc_ok(f"exp run -S lr={lr} -S epochs={QUEUE_EPOCHS}", alone, fenv)
         assert ran_stages(out) == RERUN, out
         sequential[lr] = re.search(r"Ran experiment\(s\): (\S+)", out).group(1)
 
-    exps = experiments_by_name(root, fenv)
+    exps, alone_exps = experiments_by_name(root, fenv), experiments_by_name(alone, fenv)
     for lr in QUEUE_LRS:
-        par, seq = result_of(exps[queued[lr]]), result_of(exps[sequential[lr]])
+        par, seq = result_of(exps[queued[lr]]), result_of(alone_exps[sequential[lr]])
         assert (par["params"]["lr"], par["params"]["epochs"]) == (float(lr), QUEUE_EPOCHS)
         assert par["params"]["gmf"] == yaml.safe_load((template / "params.yaml").read_text())["gmf"]
-        assert "data/models/mlp.pt" in par["outs"] and "metrics/test.json" in par["metrics"]
+        assert {"data/models/mlp.pt", "data/models/mlp.trainonly.pt", "metrics/intervals.json"} <= set(par["outs"])
+        assert {"metrics/test/mlp.json", LIVE_SUMMARY} <= set(par["metrics"]), par["metrics"]
+        assert "step" not in par["metrics"][LIVE_SUMMARY], par["metrics"]  # the finished run's summary
         assert par == seq, (lr, par, seq)
     first, second = (result_of(exps[queued[lr]]) for lr in QUEUE_LRS)
     assert first["outs"]["data/models/mlp.pt"] != second["outs"]["data/models/mlp.pt"]
@@ -589,7 +616,7 @@ if threads:  # the stages call torch.set_num_threads(1): give them `threads` ins
     real = torch.set_num_threads
     torch.set_num_threads = lambda n: real(threads)
 runs = [("pipeline.train", [model, "data/prepared", "data/candidates", out, out]) for model in models]
-runs.append(("pipeline.evaluate", ["data/prepared", "data/candidates", out, f"{{out}}/test.json",
+runs.append(("pipeline.evaluate", ["data/prepared", "data/candidates", out, f"{{out}}/test",
                                    f"{{out}}/intervals.json", f"{{out}}/hr_at_k", f"{{out}}/ranks.npz"]))
 for module, args in runs:
     sys.argv = [module, *args]
@@ -615,8 +642,11 @@ def test_thread_settings_do_not_change_the_bytes(template, fenv, tmp_path):
     set_params(root, **{key: defaults[key] for key in ("batch_size", "negatives", "layers")},
                **{f"gmf.{key}": defaults["gmf"][key] for key in ("batch_size", "negatives", "factors")},
                epochs=2, **{"gmf.epochs": 2})
-    files = [f"{m}{ext}" for m in MODELS for ext in (".pt", ".trainonly.pt", ".csv", ".json")]
-    files += ["test.json", "intervals.json", "ranks.npz"] + [f"hr_at_k/{m}.csv" for m in MODELS]
+    files = [f"{m}{ext}" for m in MODELS for ext in (".pt", ".trainonly.pt")]
+    files += [path.removeprefix("metrics/training/") for m in MODELS
+              for path in (f"metrics/training/{m}/metrics.json", *curve_files(m))]  # the DVCLive directories
+    files += ["intervals.json", "ranks.npz"] + [f"{d}/{m}.{ext}" for m in MODELS
+                                                for d, ext in (("test", "json"), ("hr_at_k", "csv"))]
 
     def env_threads(n: int) -> dict:
         return {**fenv, "OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)}
@@ -635,7 +665,8 @@ def test_thread_settings_do_not_change_the_bytes(template, fenv, tmp_path):
     one = digests(tmp_path / "omp1", files)
     assert digests(tmp_path / "omp2", files) == one
     # Two intra-op threads may round differently (hence THREADS = 1): the forced run only has to finish.
-    forced = json.loads((tmp_path / "forced2/test.json").read_text())
-    assert list(forced) == ["k", "full_rank_users", *MODELS], forced
+    forced = json.loads((tmp_path / "forced2/intervals.json").read_text())
+    assert list(forced["models"]) == MODELS, forced["models"]
+    assert sorted(p.name for p in (tmp_path / "forced2/test").iterdir()) == sorted(f"{m}.json" for m in MODELS)
     assert all("refitted on train + validation" in line for line in logs["forced2"].splitlines()
                if ": best epoch" in line), logs["forced2"]

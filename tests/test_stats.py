@@ -385,3 +385,22 @@ def test_replicated_counts_the_seeds_spread():
     assert est.mean == pytest.approx(pooled.mean)
     assert est.hi - est.lo > pooled.hi - pooled.lo
     assert est.p > pooled.p
+
+
+def test_replicated_runs_that_agree_exactly_are_not_a_certainty():
+    """Seeds whose mean differences happen to be equal (each pair +2 hits of 60, on different users:
+    test_compare's sweep found such a case) leave the users' own variation: an interval of real width
+    and p > 0, never the zero-width "higher" of a variance taken as 0."""
+    rng = np.random.default_rng(25)
+    a = (rng.random((3, 60)) < 0.45).astype(float)
+    b = a.copy()
+    for r in range(3):  # +2 net hits per run: 3 users gain a hit and 1 loses one, different users each run
+        gain = rng.choice(np.flatnonzero(b[r] == 0), 3, replace=False)
+        lose = rng.choice(np.flatnonzero(b[r] == 1), 1, replace=False)
+        b[r, gain], b[r, lose] = 1, 0
+    diffs = (b - a).mean(axis=1)
+    assert np.ptp(diffs) == 0  # the run means are equal
+    est = replicated(a, b)
+    assert est.mean == pytest.approx(2 / 60)
+    assert est.hi - est.lo > 0.02 and est.lo < 0 < est.hi
+    assert 0.05 < est.p < 1 and verdict(est) == "indistinguishable"
