@@ -17,6 +17,7 @@ import platform
 import re
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -30,17 +31,24 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks/tune.json")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--mf-trials", type=int, default=30)
-    parser.add_argument("--mlp-trials", type=int, default=10)
+    parser.add_argument("--mlp-trials", type=int, default=10, help="0: MF only")
+    parser.add_argument("--here", action="store_true",
+                        help="search in this repository (after its `dvc repro`), not in a fresh copy")
     args = parser.parse_args()
     result: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
                     "workers": args.workers, "runs": []}
     with tempfile.TemporaryDirectory(prefix="tune-bench-") as scratch:
-        root = fresh_copy(Path(scratch) / "repo")
-        run("dvc repro", root)
-        run("git add -A && git commit -q -m results", root)
+        root = REPO
+        if not args.here:
+            root = fresh_copy(Path(scratch) / "repo")
+            run("dvc repro", root)
+            run("git add -A && git commit -q -m results", root)
+        stamp = int(time.time())  # a study of its own each run
         for model, trials in (("mf", args.mf_trials), ("mlp", args.mlp_trials)):
+            if not trials:
+                continue
             for pruner in ("median", "none"):
-                study = f"bench-{model}-{pruner}"
+                study = f"bench-{model}-{pruner}-{stamp}"
                 seconds, out = run(f"python -m pipeline.tune {model} --trials {trials} --workers {args.workers} "
                                    f"--pruner {pruner} --study {study}", root)
                 finished = re.search(r"(\d+) finished trials \((\d+) complete, (\d+) pruned\)", out)

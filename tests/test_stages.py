@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from conftest import set_models, set_params, stage, user_error
 
@@ -176,7 +177,7 @@ def test_ease_saves_its_item_weights(prepared: Path) -> None:
     n_items = split.n_items
     assert set(state) == {"weights"} and state["weights"].shape == (n_items, n_items)
     assert torch.all(state["weights"].diagonal() == 0)
-    lam = 200.0  # the repository's ease.lambda
+    lam = float(yaml.safe_load((prepared / "params.yaml").read_text())["ease"]["lambda"])  # the repository's
     assert torch.equal(train_only["weights"], weights_for(split.train, lam))
     assert torch.equal(state["weights"], weights_for(split.train_and_val(), lam))  # refit: on
 
