@@ -147,14 +147,19 @@ def assignments(params: dict, name: str, values: dict[str, Any]) -> dict[str, An
     return out
 
 
+def _set(mapping, key: str, value: Any) -> None:
+    """Set a dotted key ('mf.lr': the field lr of section mf) in a params mapping."""
+    *sections, last = key.split(".")
+    for part in sections:
+        mapping = mapping[part]
+    mapping[last] = value
+
+
 def apply_to(raw: dict, assigned: dict[str, Any]) -> dict:
     """A copy of the raw params mapping with `assigned` (dotted keys) set."""
     out = copy.deepcopy(raw)
     for key, value in assigned.items():
-        node, *path = out, *key.split(".")
-        for part in path[:-1]:
-            node = node[part]
-        node[path[-1]] = value
+        _set(out, key, value)
     return out
 
 
@@ -177,13 +182,10 @@ def write_params(path: Path, assigned: dict[str, Any]) -> None:
     yaml.preserve_quotes = True  # `custom_sep: ","` stays as written
     doc = yaml.load(path.read_text(encoding="utf-8"))
     for key, value in assigned.items():
-        node, *parts = doc, *key.split(".")
-        for part in parts[:-1]:
-            node = node[part]
         if isinstance(value, list):
             value = CommentedSeq(value)
             value.fa.set_flow_style()
-        node[parts[-1]] = value
+        _set(doc, key, value)
     buf = io.StringIO()
     yaml.dump(doc, buf)
     write_text(path, buf.getvalue())
