@@ -2,6 +2,11 @@
 
     MOVIELENS_MIRROR=../shared/data python benchmarks/speed.py      # from the repository root, venv on PATH
     python benchmarks/speed.py --json benchmarks/speed.json
+    python benchmarks/speed.py --cpu-kernels native --json benchmarks/speed_native.json   # the pin's cost
+
+`--cpu-kernels` sets params.yaml's `cpu_kernels` in the copy: portable (the committed value: the
+kernels pinned so that every x86-64 CPU with AVX2 gives the same bytes) or native (each library's
+fastest kernels for this CPU). Run both in the same hour on an otherwise idle machine to compare.
 
 In a fresh copy of the working tree (tracked and untracked files, committed into a new git
 repository, no DVC cache), it times:
@@ -28,7 +33,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workspace import REPO, fresh_copy, run  # noqa: E402
+from workspace import REPO, cpu_description, fresh_copy, run  # noqa: E402
 
 TARGETS = {"repro_s": 50.0, "exp_run_s": 25.0, "revisit_s": 5.0}
 
@@ -53,8 +58,9 @@ def import_seconds(module: str) -> float:
 def thread_check() -> dict:
     """Train the committed MLP for 2 epochs with 1 and with 2 threads (in-process, generated data)."""
     code = (
-        "import sys, hashlib, torch, numpy as np, scipy.sparse as sp\n"
-        f"sys.path.insert(0, {str(REPO)!r})\n"
+        f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
+        "import pipeline  # first: it pins the CPU kernels before torch loads\n"
+        "import hashlib, torch, numpy as np, scipy.sparse as sp\n"
         "from pipeline.common import configure_torch\n"
         "from pipeline.models.mlp import MLP\n"
         "from pipeline.params import load_params, model_section\n"
@@ -81,12 +87,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks/speed.json")
     parser.add_argument("--skip-stages", action="store_true", help="only the two targets")
+    parser.add_argument("--cpu-kernels", choices=("portable", "native"), default="portable", help="params.yaml's cpu_kernels in the copy")
     args = parser.parse_args()
     if not os.environ.get("MOVIELENS_MIRROR"):
         print("note: MOVIELENS_MIRROR is not set: the download goes to GroupLens", file=sys.stderr)
-    result: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"}
+    result: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+                    "cpu": cpu_description(), "cpu_kernels": args.cpu_kernels}
     with tempfile.TemporaryDirectory(prefix="speed-") as scratch:
-        root = fresh_copy(Path(scratch) / "a")
+        root = fresh_copy(Path(scratch) / "a", cpu_kernels=args.cpu_kernels)
         result["repro_s"], _ = run("dvc repro", root)
         print(f"dvc repro (clean, download included): {result['repro_s']:.1f} s", file=sys.stderr)
         result["exp_run_s"], out = run("dvc exp run -S lr=0.01", root)
@@ -101,7 +109,7 @@ def main() -> None:
               f"{', '.join(result['revisit_restored'])}; ran: {', '.join(result['revisit_ran']) or 'none'})",
               file=sys.stderr)
         if not args.skip_stages:
-            root = fresh_copy(Path(scratch) / "b")
+            root = fresh_copy(Path(scratch) / "b", cpu_kernels=args.cpu_kernels)
             result["stages"] = []
             for stage in stage_names(root):
                 seconds, _ = run(f"dvc repro -f -s '{stage}'", root)

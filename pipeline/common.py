@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 
-# One intra-op torch thread in every stage, whatever the machine: the same bits on any core count.
-# Two threads train the MLP 10-27% faster here, but change its bits (measured: benchmarks/speed.py).
+# One intra-op torch thread in every stage, whatever the machine: the same bits on any core count
+# (pipeline/cpu.py pins the rest of what decides the rounding, before torch loads).
 THREADS = 1
 
 
@@ -44,14 +44,26 @@ def configure_torch() -> None:
 
 
 def pick_device(choice: str):
-    """Return the torch device for the `device` param: auto (cuda if present, else cpu), cpu or cuda."""
+    """Return the torch device for the `device` param: auto (cuda if present, else cpu), cpu or cuda.
+
+    On a GPU it turns on the determinism torch offers there: deterministic algorithms (a warning,
+    not an error, for an operation that has none), cuDNN without autotuning, no TF32, and cuBLAS's
+    fixed workspace (CUBLAS_WORKSPACE_CONFIG, set by pipeline/cpu.py). The same GPU model and driver
+    then repeat a run's bytes; other GPUs, and GPU against CPU, round differently (docs/scale.md).
+    """
     import torch  # here, not at the top: the data stages do not need torch
 
     if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
     if choice == "cuda" and not torch.cuda.is_available():
         raise PipelineError("params.yaml: 'device' is 'cuda', but PyTorch sees no CUDA device here; "
                             "use 'auto' or 'cpu'")
+    if choice == "cuda":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     return torch.device(choice)
 
 

@@ -13,6 +13,7 @@ from typing import Any, Iterable
 import yaml
 
 from pipeline.common import PipelineError
+from pipeline.cpu import MODES as CPU_MODES
 from pipeline.models import get as get_model, list_models
 
 PARAMS_FILE = "params.yaml"
@@ -116,6 +117,7 @@ SPECS: dict[str, Spec] = {
     "models": Spec("model_list"),
     "fused": Spec("model_list"),
     "device": Spec("choice", choices=("auto", "cpu", "cuda")),
+    "cpu_kernels": Spec("choice", choices=CPU_MODES),
     "recommend_model": Spec("model"),
     "recommend_n": Spec("int", 1, 1000),
 }

@@ -113,6 +113,23 @@ def train_closed_form(name: str, split: Split, val: Validation, params: dict
     return test_state, state, [dataclasses.replace(row, epoch=1)], 1
 
 
+def train_model(name: str, split: Split, val: Validation, params: dict, models_dir: Path, on_row=None
+                ) -> tuple[dict, dict, list[EpochStats], int]:
+    """Train model `name` as its stage does; return (test-time state, train-only state, curve, chosen epoch).
+
+    The one function that both the training stage and each `pipeline.tune` trial (which sets `refit`
+    off, and prunes by raising from `on_row`) call. `on_row(row)` gets each validated epoch's row as it
+    ends (a closed-form model's one row)."""
+    if get_model(name).neural:
+        device = pick_device(params["device"])
+        log.info("training %s on %s", name, device)
+        return train_neural(name, split, val, params, device, models_dir, on_row)
+    result = train_closed_form(name, split, val, params)
+    if on_row is not None:
+        on_row(result[2][0])
+    return result
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     with atomic_output(path) as tmp, open(tmp, "wb") as fh:
         torch.save(state, fh)  # a file object: torch names the archive after a path, not the bytes
@@ -137,13 +154,7 @@ def main() -> None:
     live_dir = args.training_dir / name
     try:
         epochs = EpochLog(live_dir)
-        if cls.neural:
-            device = pick_device(params["device"])
-            log.info("training %s on %s", name, device)
-            state, train_only, curve, best = train_neural(name, split, val, params, device, args.models_dir, epochs)
-        else:
-            state, train_only, curve, best = train_closed_form(name, split, val, params)
-            epochs(curve[0])
+        state, train_only, curve, best = train_model(name, split, val, params, args.models_dir, epochs)
         seconds = time.perf_counter() - start
         row = curve[best - 1]
         test_path, train_only_path = checkpoint_paths(args.models_dir, name)

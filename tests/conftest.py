@@ -8,6 +8,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pipeline  # noqa: F401  (first: it pins the CPU kernels before numpy loads)
 import numpy as np
 import pytest
 import yaml

@@ -11,7 +11,11 @@ Cases from the issue tracker:
    seen them, so that they really train);
 3. the same params trained and evaluated with OMP_NUM_THREADS/MKL_NUM_THREADS 1 and 2: byte-identical
    outputs (every stage computes on one intra-op thread, pipeline.common.THREADS: two change the
-   bits); and forced to compute on two threads, training with its refit still runs to the end.
+   bits); and forced to compute on two threads, training with its refit still runs to the end;
+4. the same params trained and evaluated with torch's kernel level (ATEN_CPU_CAPABILITY) at default,
+   avx2 and, where the CPU has it, avx512, and MKL's, oneDNN's, numpy's and OpenBLAS's instruction
+   variables at other levels: byte-identical outputs (pipeline/cpu.py pins them); and with
+   `cpu_kernels: native` the same variables do change the bytes (so the pin is what holds them).
 
 Every process these tests start carries MARKER_VAR in its environment (the queue's detached workers
 too), so stray processes can be found and stopped by id at the end.
@@ -37,6 +41,7 @@ import pytest
 import yaml
 
 from conftest import copy_pipeline, REPO, set_params
+from pipeline.cpu import cpu_flags
 from dvc_project import COPIED, TINY_PARAMS, choose_models, curve_files, ran_stages
 
 MODELS = ["itempop", "mlp", "gmf"]  # models: [gmf], fused: []; the scenarios change the MLP's (top-level)
@@ -610,7 +615,9 @@ def test_two_queued_experiments_in_parallel_equal_sequential_runs(template, fenv
 # --------------------------------------------------------------------------------- 3. threads
 
 STAGES = """
-import runpy, sys, torch
+import runpy, sys
+import pipeline  # first, as `python -m pipeline.<stage>` does: it pins the CPU kernels before torch loads
+import torch
 threads, out, models = {threads!r}, sys.argv[1], sys.argv[2:]
 if threads:  # the stages call torch.set_num_threads(1): give them `threads` instead
     real = torch.set_num_threads
@@ -670,3 +677,61 @@ def test_thread_settings_do_not_change_the_bytes(template, fenv, tmp_path):
     assert sorted(p.name for p in (tmp_path / "forced2/test").iterdir()) == sorted(f"{m}.json" for m in MODELS)
     assert all("refitted on train + validation" in line for line in logs["forced2"].splitlines()
                if ": best epoch" in line), logs["forced2"]
+
+
+# --------------------------------------------------------------------------------- 4. CPU kernels
+
+def kernel_levels() -> list[str]:
+    """torch's kernel levels this CPU can run (ATEN_CPU_CAPABILITY does not check: a level the CPU
+    lacks would crash)."""
+    flags = cpu_flags() or set()
+    levels = ["default"] + (["avx2"] if {"avx2", "fma"} <= flags else [])
+    return levels + (["avx512"] if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags else [])
+
+
+# Each library's instruction variables at another level than the pin's (and than each other's).
+OTHER_LEVELS = {
+    "default": {"MKL_CBWR": "AUTO", "ONEDNN_MAX_CPU_ISA": "SSE41", "NPY_DISABLE_CPU_FEATURES": "",
+                "OPENBLAS_CORETYPE": "Prescott"},
+    "avx2": {"MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "NPY_DISABLE_CPU_FEATURES": "X86_V3",
+             "OPENBLAS_CORETYPE": "Haswell"},
+    "avx512": {"MKL_CBWR": "AVX512", "ONEDNN_MAX_CPU_ISA": "ALL", "NPY_DISABLE_CPU_FEATURES": "",
+               "OPENBLAS_CORETYPE": "SkylakeX", "ONEDNN_DEFAULT_FPMATH_MODE": "BF16"},
+}
+
+
+def test_cpu_kernel_levels_do_not_change_the_bytes(template, fenv, tmp_path):
+    levels = kernel_levels()
+    assert len(levels) >= 2, f"this CPU runs only {levels}: nothing to compare"
+    root = clone_project(template, tmp_path / "project")
+    defaults = yaml.safe_load((REPO / "params.yaml").read_text())  # the default widths: real matrix products
+    set_params(root, **{key: defaults[key] for key in ("batch_size", "negatives", "layers")},
+               **{f"gmf.{key}": defaults["gmf"][key] for key in ("batch_size", "negatives", "factors")},
+               epochs=2, **{"gmf.epochs": 2})
+    files = [f"{m}{ext}" for m in MODELS for ext in (".pt", ".trainonly.pt")]
+    files += [f"{m}/metrics.json" for m in MODELS] + ["intervals.json", "ranks.npz"]
+    files += [f"test/{m}.json" for m in MODELS]
+
+    def run(name: str, level: str | None) -> dict[str, str]:
+        env = {key: value for key, value in fenv.items() if key not in pipeline_cpu_variables()}
+        if level is not None:
+            env |= {"ATEN_CPU_CAPABILITY": level, **OTHER_LEVELS[level]}
+        log = run_train_and_evaluate(root, tmp_path / name, env)
+        assert "results will differ" not in log and "not pinned" not in log, log
+        return digests(tmp_path / name, files)
+
+    pinned = run("unset", None)
+    for level in levels:
+        assert run(level, level) == pinned, level
+    print(f"\nkernels: the same bytes under ATEN_CPU_CAPABILITY={', '.join(levels)} and other library levels")
+
+    # The control: with the pin off, the same variables do move the bytes (the test above can fail).
+    set_params(root, cpu_kernels="native")
+    native = {level: run(f"native-{level}", level) for level in levels[:2]}
+    assert native[levels[0]]["mlp.pt"] != native[levels[1]]["mlp.pt"], native
+
+
+def pipeline_cpu_variables() -> set[str]:
+    """Every variable pipeline/cpu.py sets (left out of the inherited environment, for a clean start)."""
+    from pipeline import cpu
+    return {*cpu.THREADS, *cpu.GPU, *cpu.CAPS, *cpu.AVX2_LEVEL}
