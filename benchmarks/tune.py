@@ -4,7 +4,7 @@
     python benchmarks/tune.py --json benchmarks/tune.json --workers 2 --mf-trials 30 --mlp-trials 10
 
 In a fresh copy of the working tree (a new git repository) after `dvc repro`, it times each search
-as a user runs it (each trial saved as a DVC experiment), every one in a study of its own: MF with
+as a user runs it, every one in a study of its own: MF with
 the median pruner and with none, then the MLP likewise. Goal: 30 MF trials in at most 5 minutes on
 a 2-core machine.
 """

@@ -14,7 +14,9 @@ seeds vary as well as users (pipeline.stats.replicated), and each side's spread 
 shown. Within each protocol and metric the models' p-values are Holm-adjusted (a model whose outcomes
 are the same for every user on both sides cannot differ, and is left out of the family). Both sides must
 score the same test users against the same candidates (same dataset, `candidate_seed` and
-`test_negatives`): otherwise it refuses in one line.
+`test_negatives`): otherwise it refuses in one line. So does a revision whose ranks are not its own
+run: its params.yaml or code differ from what its dvc.lock says `evaluate`, and every stage before
+it, ran with (a commit of params without `dvc repro`, or a workspace edited since its run).
 """
 from __future__ import annotations
 
@@ -63,7 +65,14 @@ def parse_ranks(name: str, data: bytes | Path) -> Run:
 
 
 def read_run(rev: str | None, repo: str | None = None) -> Run:
-    """The ranks of one revision (a git revision or DVC experiment name), or of the workspace for None."""
+    """The ranks of one revision (a git revision or DVC experiment name), or of the workspace for None,
+    once they are checked to be that revision's own run (check_own_run)."""
+    run = _read_ranks(rev, repo)
+    check_own_run(rev, repo)
+    return run
+
+
+def _read_ranks(rev: str | None, repo: str | None) -> Run:
     if rev is None:
         path = Path(repo or ".") / RANKS
         if not path.exists():
@@ -81,6 +90,87 @@ def read_run(rev: str | None, repo: str | None = None) -> Run:
         raise PipelineError(f"{rev}: cannot read {RANKS} ({type(err).__name__}: {err}); was `evaluate` run "
                             "there, and is its output in the DVC cache or remote (`dvc pull`)?") from None
     return parse_ranks(rev, data)
+
+
+def upstream_of(stages: dict, last: str = "evaluate") -> list[str]:
+    """The stages of a dvc.lock whose outputs `last` reads, directly or through others, and `last`."""
+    def touches(a: str, b: str) -> bool:
+        return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+    chosen = [last]
+    grew = True
+    while grew:
+        grew = False
+        needed = [dep["path"] for name in chosen for dep in stages[name].get("deps", [])]
+        for name, stage in stages.items():
+            if name not in chosen and any(touches(out["path"], dep) for out in stage.get("outs", []) for dep in needed):
+                chosen.append(name)
+                grew = True
+    return chosen
+
+
+def declared(name: str, stages: dict, params: dict) -> bool:
+    """Whether dvc.yaml's `stages` still has the dvc.lock stage `name` (`base@item`: a foreach over a
+    list, or over a params key such as ${models}); a lock keeps the entries of removed stages."""
+    base, at, item = name.partition("@")
+    if not at:
+        return name in stages
+    over = (stages.get(base) or {}).get("foreach")
+    if isinstance(over, str) and over.startswith("${") and over.endswith("}"):
+        over = params.get(over[2:-1])
+    return isinstance(over, list) and item in [str(x) for x in over]
+
+
+def stale_inputs(read) -> list[str]:
+    """What differs between a revision's params and code and the run its dvc.lock records for evaluate
+    and every stage before it: "params.yaml KEY" and code paths; [] when the ranks are that revision's
+    own. `read(path)` returns a file's bytes at the revision (None where it has none)."""
+    import hashlib
+
+    from ruamel.yaml import YAML  # DVC's own reader: a value reads as DVC recorded it (1e-05 a float)
+
+    yaml = YAML(typ="safe", pure=True)
+    lock, params, pipeline = (yaml.load(read(name) or b"{}") or {} for name in ("dvc.lock", "params.yaml", "dvc.yaml"))
+    stages = {name: stage for name, stage in lock.get("stages", {}).items()
+              if declared(name, pipeline.get("stages", {}), params)}
+    if "evaluate" not in stages:
+        return []  # no run recorded: reading the ranks fails with its own message
+    stale = []
+    for name in upstream_of(stages):
+        for key, value in stages[name].get("params", {}).get("params.yaml", {}).items():
+            if (params or {}).get(key) != value:
+                stale.append(f"params.yaml {key}")
+        for dep in stages[name].get("deps", []):
+            path, md5 = dep["path"], str(dep.get("md5", ""))
+            if path.startswith("pipeline/") and md5 and not md5.endswith(".dir"):
+                data = read(path)
+                if data is None or hashlib.md5(data).hexdigest() != md5:
+                    stale.append(path)
+    return sorted(set(stale))
+
+
+def check_own_run(rev: str | None, repo: str | None) -> None:
+    """Refuse (one line naming the revision) ranks that another run made: the revision's params or
+    code differ from what its dvc.lock says evaluate's run, and every stage before it, ran with."""
+    if rev is None:
+        root = Path(repo or ".")
+
+        def read(path: str) -> bytes | None:
+            return (root / path).read_bytes() if (root / path).is_file() else None
+    else:
+        from dvc.api import DVCFileSystem
+
+        fs = DVCFileSystem(repo or ".", rev=rev)
+
+        def read(path: str) -> bytes | None:
+            return fs.read_bytes(path) if fs.isfile(path) else None
+    stale = stale_inputs(read)
+    if stale:
+        name = WORKSPACE if rev is None else rev
+        shown = ", ".join(stale[:4]) + (f" and {len(stale) - 4} more" if len(stale) > 4 else "")
+        raise PipelineError(f"{name}: its {RANKS} is not its own run: {shown} differ from what its dvc.lock says "
+                            "the run was made with; run `dvc repro` there (for a tuning trial: "
+                            "`python -m pipeline.tune ... --promote K`)")
 
 
 def check_comparable(runs: list[Run]) -> None:

@@ -1,63 +1,45 @@
-"""Search a model's hyperparameters on validation: an Optuna study, each trial a DVC experiment.
+"""Search a model's hyperparameters on validation with Optuna; promote the best trials to real runs.
 
-    python -m pipeline.tune MODEL --trials N [--timeout S] [--storage URL] [--study NAME]
-                            [--workers K | --worker I] [--pruner median|hyperband|none]
-                            [--space KEY=LOW:HIGH[:log] | --space 'KEY=[A,B]'] [--apply] [--no-save]
+    python -m pipeline.tune MODEL --trials N [--timeout S] [--max-seconds S] [--storage URL]
+                            [--study NAME] [--workers K | --worker I] [--pruner median|hyperband|none]
+                            [--space KEY=LOW:HIGH[:log] | --space 'KEY=[A,B]'] [--promote K] [--apply]
 
-Run from the repository root after `dvc repro` (it reads data/prepared, data/candidates/val.npz
-and, for a fused model, its sources' train-only checkpoints). The searched knobs and ranges are the
-model's `search` (its module, pipeline/models/MODEL.py); `--space` replaces one. A trial trains the
-model exactly as its training stage's validated run does (train interactions only, its epoch chosen
-by `select_by`; no refit), reporting each epoch's validation HR@topK to the pruner, and maximises
-the chosen epoch's validation HR@topK by `select_by`. It never opens the test pairs or candidates.
-
-Each finished trial (completed or pruned) is saved as a DVC experiment, NAME-<number>, of the
-current commit: params.yaml with the trial's values and the model's validation metrics and curves
-(metrics/training/MODEL/; its test metrics are left out: a trial is never tested), so `dvc exp show`
-lists the trials. The workspace is not touched; `--apply` writes the best trial's values into
-params.yaml (atomically, comments kept). The best trial is printed as the `dvc exp run -S ...`
-command that reproduces it through the pipeline (its validation metrics are the trial's, bit for bit).
-
-The study lives in `--storage`, an Optuna storage URL: by default the journal file
-data/tune/journal.log (nothing to start); `postgresql+psycopg://USER@HOST/DB` for several machines.
-`--trials N` counts the study's finished trials, so running the same command again resumes it, and
-several workers (`--workers K` here, or `--worker I` on each of several machines) share the budget
-of N. Ctrl-C ends the current trial (it is not counted) and keeps the finished ones.
+Run from the repository root after `dvc repro`, with params.yaml and pipeline/ as committed. A trial
+calls the training stage's own function (pipeline.train.train_model, `refit` off) on train and
+validation only, reports its best epoch so far to the pruner, records its training seconds, and
+returns its chosen epoch's validation HR@topK. The loop is Optuna's (`study.optimize`), its budget N
+finished trials shared by every worker on the storage (the journal file data/tune/journal.log, or
+PostgreSQL). A trial is never saved as a DVC experiment: `--promote K` runs the best K through the
+pipeline as experiments STUDY-<trial>. docs/experiments.md has the whole story.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
-import dataclasses
-import fcntl
 import io
 import json
 import logging
 import math
-import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from pipeline.common import PipelineError, configure_torch, pick_device, run_stage, write_text
+from pipeline.common import PipelineError, configure_torch, run_stage, write_text
 from pipeline.models import get as get_model, list_models
-from pipeline.params import (PARAMS_FILE, Search, Spec, _convert, is_trained, load_params, model_section,
-                             validate)
+from pipeline.params import PARAMS_FILE, Search, Spec, _convert, is_trained, load_params, model_section, validate
 
 log = logging.getLogger("tune")
 
 DEFAULT_STORAGE = "data/tune/journal.log"  # Optuna's journal file: several processes may share it
+PICTURES = Path("data/tune")  # each study's PNG files
 PRUNERS = ("median", "hyperband", "none")
 HEARTBEAT_S, GRACE_S = 60, 600  # a database storage's heartbeat: every minute; dead after ten
+RETRIES = 1  # a dead worker's trial is run again once, by another worker
+WARMUP = 0.5  # the pruner never stops a trial before this fraction of its epochs
 SIGNIFICANT = 3  # a sampled number is rounded to this many significant digits, and trained as rounded
+TRAINED = ("params.yaml", "pipeline")  # what a trial runs: it must be HEAD's
 
 
 # ----------------------------------------------------------------------------- the search space
@@ -157,19 +139,25 @@ def _set(mapping, key: str, value: Any) -> None:
 
 def apply_to(raw: dict, assigned: dict[str, Any]) -> dict:
     """A copy of the raw params mapping with `assigned` (dotted keys) set."""
+    import copy
+
     out = copy.deepcopy(raw)
     for key, value in assigned.items():
         _set(out, key, value)
     return out
 
 
+def set_options(assigned: dict[str, Any]) -> list[str]:
+    """The `dvc exp run` options that set these values: ["-S", "mf.lr=0.01", "-S", "layers=[64,32]", ...]."""
+    return [arg for key, value in assigned.items() for arg in
+            ("-S", f"{key}=" + ("[" + ",".join(map(str, value)) + "]" if isinstance(value, list) else str(value)))]
+
+
 def dvc_command(assigned: dict[str, Any]) -> str:
-    """`dvc exp run -S ...` for these values (lists quoted for the shell)."""
-    parts = []
-    for key, value in assigned.items():
-        text = "[" + ",".join(str(v) for v in value) + "]" if isinstance(value, list) else str(value)
-        parts.append(f"-S '{key}={text}'" if isinstance(value, list) else f"-S {key}={text}")
-    return "dvc exp run " + " ".join(parts)
+    """`dvc exp run -S ...` for these values, as a shell line (lists quoted)."""
+    import shlex
+
+    return "dvc exp run " + " ".join(shlex.quote(arg) for arg in set_options(assigned))
 
 
 def write_params(path: Path, assigned: dict[str, Any]) -> None:
@@ -191,167 +179,76 @@ def write_params(path: Path, assigned: dict[str, Any]) -> None:
     write_text(path, buf.getvalue())
 
 
-# ----------------------------------------------------------------------------- saving trials
-
-@contextlib.contextmanager
-def sigint_deferred(raise_after: bool = True) -> Iterator[list[int]]:
-    """Hold Ctrl-C until the block ends (a save or a storage write is never cut in half); then raise
-    it, or (raise_after False) leave it in the yielded list for the caller to act on."""
-    caught: list[int] = []
-    if sys.platform == "win32" or not _main_thread():
-        yield caught
-        return
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
-        yield caught
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if caught and raise_after:
-            raise KeyboardInterrupt
-
-
-def _main_thread() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
-
-
-def _git(args: list[str], cwd: Path, env: dict | None = None) -> str:
-    proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, env=env)
-    if proc.returncode:
-        raise PipelineError(f"git {' '.join(args)}: {(proc.stderr or proc.stdout).strip().splitlines()[-1]}")
-    return proc.stdout.strip()
-
-
-def _git_env(root: Path) -> dict:
-    """The user's git identity, or a stand-in where none is configured (a commit needs one)."""
-    env = dict(os.environ)
-    for key, fallback in (("user.name", "pipeline.tune"), ("user.email", "tune@localhost")):
-        if not subprocess.run(["git", "config", key], cwd=root, capture_output=True, text=True).stdout.strip():
-            role = "NAME" if key == "user.name" else "EMAIL"
-            env.setdefault(f"GIT_AUTHOR_{role}", fallback)
-            env.setdefault(f"GIT_COMMITTER_{role}", fallback)
-    return env
-
-
-class Saver:
-    """Saves a trial as a DVC experiment of the commit `base`: a commit under DVC's experiment refs
-    (refs/exps/...), made in a temporary git worktree, so the workspace is never touched. One save at
-    a time (a file lock) and never cut by Ctrl-C."""
-
-    def __init__(self, root: Path, name: str):
-        from dvc.repo.experiments.refs import ExpRefInfo  # DVC's name for an experiment's ref
-
-        self.root, self.name, self.ref_info = root, name, ExpRefInfo
-        try:
-            self.base = _git(["rev-parse", "--verify", "HEAD"], root)
-        except PipelineError as err:
-            raise PipelineError(f"each trial is saved as a DVC experiment of the current commit, and {root} has "
-                                f"none ({err}); commit first, or pass --no-save") from None
-        self.env = _git_env(root)
-        self.lock_path = root / ".dvc" / "tmp" / "tune.lock"
-        self.interrupted = False  # Ctrl-C came during a save: the search stops once the trial is counted
-
-    def save(self, exp_name: str, assigned: dict[str, Any], live_dir: Path) -> None:
-        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with sigint_deferred(raise_after=False) as caught, open(self.lock_path, "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            tree = Path(tempfile.mkdtemp(prefix="tune-", dir=self.lock_path.parent))
-            try:
-                _git(["worktree", "add", "-q", "--detach", str(tree), self.base], self.root)
-                write_params(tree / PARAMS_FILE, assigned)
-                dest = tree / "metrics" / "training" / self.name
-                shutil.rmtree(dest, ignore_errors=True)
-                shutil.copytree(live_dir, dest)
-                (tree / "metrics" / "test" / f"{self.name}.json").unlink(missing_ok=True)
-                _git(["add", "-A", "--", PARAMS_FILE, "metrics"], tree)
-                _git(["commit", "-q", "--no-verify", "-m", f"pipeline.tune: {exp_name}"], tree, self.env)
-                rev = _git(["rev-parse", "HEAD"], tree)
-                _git(["update-ref", str(self.ref_info(self.base, exp_name)), rev], self.root)
-            finally:
-                subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=self.root,
-                               capture_output=True)
-                shutil.rmtree(tree, ignore_errors=True)
-                self.interrupted = self.interrupted or bool(caught)
-
-
 # ----------------------------------------------------------------------------- one trial
 
-class Trials:
-    """What every trial of one model needs: the data (train and validation only) and how to train."""
+class Objective:
+    """One model's trials: the data (train and validation only), and the training stage's own function."""
 
-    def __init__(self, name: str, params: dict, raw: dict, space: dict[str, Search], study: str,
-                 saver: Saver | None, scratch: Path, heartbeat=None):
+    def __init__(self, name: str, params: dict, raw: dict, space: dict[str, Search], max_seconds: float | None,
+                 commit: str, worker: int):
         from pipeline.data import load_candidates, load_split
         from pipeline.training import Validation
 
-        self.name, self.params, self.raw, self.space, self.study = name, params, raw, space, study
-        self.saver, self.scratch = saver, scratch
-        self.heartbeat = heartbeat  # a database storage: a running trial says it is alive (HEARTBEAT_S)
+        self.name, self.params, self.raw, self.space = name, params, raw, space
+        self.max_seconds, self.commit, self.worker = max_seconds, commit, worker
         self.split = load_split("data/prepared", test=False)  # never the test pairs
         self.val = Validation.of(load_candidates("data/candidates/val.npz"), self.split.train,
                                  params["full_rank_users"], params["candidate_seed"])
-        self.device = pick_device(params["device"])
 
-    def run(self, trial) -> float:
+    def __call__(self, trial) -> float:
         """Train one trial; return its chosen epoch's validation HR (raises TrialPruned when pruned)."""
         import optuna
 
-        from pipeline.train import EpochLog, build
-        from pipeline.training import FitConfig, fit
+        from pipeline.train import train_model
 
-        values = suggest(trial, self.name, self.space)
-        assigned = assignments(self.params, self.name, values)
-        params = validate(apply_to(self.raw, assigned), f"{self.study} trial {trial.number}", models=(self.name,))
+        assigned = assignments(self.params, self.name, suggest(trial, self.name, self.space))
+        params = validate(apply_to(self.raw, assigned), f"trial {trial.number}", models=(self.name,))
         trial.set_user_attr("assigned", assigned)
-        cls, k, select_by = get_model(self.name), params["topK"], params["select_by"]
-        live_dir = self.scratch / f"{trial.number}"
-        epochs = EpochLog(live_dir)
-        rows, pruned = [], False
+        trial.set_user_attr("commit", self.commit)
+        trial.set_user_attr("worker", self.worker)
+        select_by, best = params["select_by"], [-math.inf]
+
+        def on_row(row) -> None:  # the pruner sees what the objective returns: the best epoch so far
+            best[0] = max(best[0], row.key(select_by)[0])
+            trial.report(best[0], row.epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after epoch {row.epoch}")
+
+        start = time.perf_counter()
         try:
-            if cls.neural:
-                cfg = FitConfig.from_section(model_section(params, self.name), params["seed"], k, select_by)
-
-                def on_row(row) -> None:
-                    epochs(row)
-                    rows.append(row)
-                    trial.report(row.key(select_by)[0], row.epoch)
-                    if trial.should_prune():
-                        raise optuna.TrialPruned(f"pruned after epoch {row.epoch}")
-
-                last_beat = [time.monotonic()]
-
-                def on_batch() -> None:
-                    if self.heartbeat is not None and time.monotonic() - last_beat[0] >= HEARTBEAT_S / 2:
-                        self.heartbeat.record_heartbeat(trial._trial_id)
-                        last_beat[0] = time.monotonic()
-
-                model = build(self.name, self.split, params, Path("data/models"), refitted=False)
-                try:
-                    fit(model, self.split.history(val=False), self.val, cfg, self.device, self.name,
-                        on_batch=on_batch, on_row=on_row)
-                except optuna.TrialPruned:
-                    pruned = True
-                best = max(rows, key=lambda r: r.key(select_by))  # the earliest best, as fit keeps
-                epochs.close(best, best.epoch)
-            else:
-                section = model_section(params, self.name)
-                state = cls.fit(self.split.train, section)
-                best = dataclasses.replace(self.val.measure(cls.from_state(state, self.split.history(val=False)), k),
-                                           epoch=1)
-                epochs(best)
-                epochs.close(best, None)
-            hr, ndcg = best.key(select_by)
-            trial.set_user_attr("ndcg", ndcg)
-            trial.set_user_attr("epoch", best.epoch if cls.neural else None)
-            exp_name = f"{self.study}-{trial.number}"
-            if self.saver is not None:
-                self.saver.save(exp_name, assigned, live_dir)
-                trial.set_user_attr("experiment", exp_name)
+            _, _, curve, chosen = train_model(self.name, self.split, self.val, {**params, "refit": False},
+                                              Path("data/models"), on_row)
+        except PipelineError as err:
+            trial.set_user_attr("error", str(err))
+            raise
         finally:
-            shutil.rmtree(live_dir, ignore_errors=True)
-        if pruned:
-            raise optuna.TrialPruned()
+            seconds = time.perf_counter() - start
+            trial.set_user_attr("train_s", round(seconds, 2))
+            if self.max_seconds is not None:
+                trial.set_constraint("train_time", seconds - self.max_seconds)  # feasible when <= 0
+        hr, ndcg = curve[chosen - 1].key(select_by)
+        trial.set_user_attr("ndcg", ndcg)
+        trial.set_user_attr("epoch", chosen if get_model(self.name).neural else None)
         return hr
+
+
+def log_trial(study, trial) -> None:
+    """Optuna's callback: one line per finished trial (a failed one with its reason, no traceback)."""
+    from optuna.trial import TrialState
+
+    seconds = trial.user_attrs.get("train_s", math.nan)
+    if trial.state == TrialState.COMPLETE:
+        feasible = "" if feasible_trial(trial) else ", over --max-seconds"
+        log.info("trial %d: validation HR %.4f in %.1f s%s", trial.number, trial.value, seconds, feasible)
+    elif trial.state == TrialState.PRUNED:
+        log.info("trial %d pruned (%.1f s)", trial.number, seconds)
+    else:
+        log.warning("trial %d failed: %s", trial.number, trial.user_attrs.get("error", "interrupted or crashed"))
+
+
+def feasible_trial(trial) -> bool:
+    """Whether a trial met its constraints (trained within --max-seconds)."""
+    return all(value <= 0 for value in trial.constraints.values())
 
 
 # ----------------------------------------------------------------------------- the study
@@ -362,18 +259,19 @@ def open_storage(url: str | None):
 
     if url is None:
         from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
+        from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
         path = Path(DEFAULT_STORAGE)
         path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
+        return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
     if url.startswith("postgresql") and "connect_timeout" not in url:
         url += ("&" if "?" in url else "?") + "connect_timeout=5"  # an unreachable server fails, not hangs
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            # a trial whose worker stops beating for GRACE_S (killed, its machine gone) is failed by the others
-            return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=RETRIES))
     except Exception as err:  # sqlalchemy's errors name the server; keep their first line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise PipelineError(f"--storage {url.split('?')[0]}: cannot open the study storage: {first}") from None
@@ -384,93 +282,23 @@ def make_pruner(kind: str, epochs: int | None):
 
     if kind == "none" or epochs is None:
         return optuna.pruners.NopPruner()
+    warmup = max(1, math.ceil(WARMUP * epochs))
     if kind == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 1))
-    return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2)
+        return optuna.pruners.HyperbandPruner(min_resource=warmup, max_resource=max(epochs, warmup))
+    return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=warmup)
 
 
 def finished(study) -> list:
     from optuna.trial import TrialState
-    return [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
 
 
-WORKER = f"{socket.gethostname()}:{os.getpid()}"  # which process runs a trial (its user attr "worker")
-
-
-def fail_dead(study) -> None:
-    """Mark as failed the running trials of this machine's workers that are gone (killed outright):
-    the journal file has no heartbeat, and such a trial would hold a place in the budget forever."""
-    from optuna.trial import TrialState
-
-    from pipeline.common import _pid_alive
-    host = socket.gethostname()
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        where, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
-        if where == host and pid.isdigit() and not _pid_alive(int(pid)):
-            study.tell(t.number, state=TrialState.FAIL)
-
-
-def over_budget(study, trial, total: int) -> bool:
-    """Whether `trial` would exceed `total`: the finished trials and the running ones numbered before
-    it (another worker's) already fill it. The lower number wins a race, so no trial runs past N."""
-    from optuna.trial import TrialState
-    ahead = [t for t in study.get_trials(deepcopy=False)
-             if t.state == TrialState.RUNNING and t.number < trial.number]
-    return len(finished(study)) + len(ahead) >= total
-
-
-def search(study, trials: Trials, total: int, timeout: float | None) -> None:
-    """Run trials until the study has `total` finished ones (or `timeout` seconds have passed)."""
-    import optuna
-    from optuna.trial import TrialState
-
-    heartbeat = trials.heartbeat
-
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while len(finished(study)) < total and (deadline is None or time.monotonic() < deadline):
-        if heartbeat is not None:
-            optuna.storages.fail_stale_trials(study)  # a worker gone on another machine
-        with sigint_deferred(raise_after=False) as caught:
-            trial = study.ask()
-            trial.set_user_attr("worker", WORKER)
-            if caught:
-                study.tell(trial, state=TrialState.FAIL)
-            elif heartbeat is not None:
-                heartbeat.record_heartbeat(trial._trial_id)
-        if caught:
-            raise KeyboardInterrupt
-        if over_budget(study, trial, total):
-            with sigint_deferred():
-                study.tell(trial, state=TrialState.FAIL)  # never run: another worker took the last one
-            break
-        start = time.perf_counter()
-        try:
-            value = trials.run(trial)
-        except optuna.TrialPruned:
-            with sigint_deferred():
-                study.tell(trial, state=TrialState.PRUNED)
-            if trials.saver is not None and trials.saver.interrupted:
-                raise KeyboardInterrupt from None
-            log.info("trial %d pruned (%.1f s)", trial.number, time.perf_counter() - start)
-            continue
-        except BaseException:
-            with sigint_deferred():
-                study.tell(trial, state=TrialState.FAIL)
-            raise
-        with sigint_deferred():
-            study.tell(trial, value)
-        if trials.saver is not None and trials.saver.interrupted:
-            raise KeyboardInterrupt  # after the trial it saved was counted
-        log.info("trial %d: validation HR@%d %.4f (best %.4f, trial %d; %.1f s)", trial.number,
-                 trials.params["topK"], value, study.best_value, study.best_trial.number, time.perf_counter() - start)
-
-
-def check_study(study, name: str, space: dict[str, Search], params: dict) -> None:
-    """A study is for one model, space and dataset: refuse to mix (a one-line error)."""
+def check_study(study, name: str, space: dict[str, Search], params: dict, max_seconds: float | None) -> None:
+    """A study is for one model, space, dataset and time budget: refuse to mix (a one-line error)."""
     made = {"model": name, "space": {k: v.describe() for k, v in space.items()}, "dataset": params["dataset"],
-            "select_by": params["select_by"], "topK": params["topK"]}
+            "select_by": params["select_by"], "topK": params["topK"], "max_seconds": max_seconds}
     have = {key: study.user_attrs.get(key) for key in made}
-    if all(value is None for value in have.values()):
+    if not study.user_attrs:
         for key, value in made.items():
             study.set_user_attr(key, value)
         return
@@ -480,51 +308,130 @@ def check_study(study, name: str, space: dict[str, Search], params: dict) -> Non
                             f"({'; '.join(f'{k}: {have[k]}' for k in differ)}); name another --study")
 
 
-def report(study, name: str, params: dict, apply: bool) -> None:
-    """Print the study's counts and the best trial as the command that reproduces it."""
+def ranked(study) -> list:
+    """The complete, feasible trials, best first (HR, then NDCG, then the earlier)."""
     from optuna.trial import TrialState
 
-    done = finished(study)
-    pruned = sum(t.state == TrialState.PRUNED for t in done)
-    complete = [t for t in done if t.state == TrialState.COMPLETE]
-    print(f"study {study.study_name!r}: {len(done)} finished trials ({len(complete)} complete, {pruned} pruned)")
-    if not complete:
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if feasible_trial(t)]
+    return sorted(done, key=lambda t: (-t.value, -t.user_attrs.get("ndcg", 0.0), t.number))
+
+
+def summary(study, params: dict) -> None:
+    """Print the study's counts and its best trial, with its seconds and the command that reproduces it."""
+    from optuna.trial import TrialState
+
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    print(f"study {study.study_name!r}: {len(finished(study))} finished trials ({states.count(TrialState.COMPLETE)} "
+          f"complete, {states.count(TrialState.PRUNED)} pruned; {states.count(TrialState.FAIL)} failed)")
+    best = ranked(study)
+    if not best:
+        print("no complete trial" + (" within --max-seconds" if study.user_attrs.get("max_seconds") else ""))
         return
-    best = max(complete, key=lambda t: (t.value, t.user_attrs.get("ndcg", 0.0), -t.number))
-    epoch = best.user_attrs.get("epoch")
-    print(f"best: trial {best.number}" + (f" (experiment {best.user_attrs['experiment']})"
-                                          if "experiment" in best.user_attrs else "") +
-          f": validation HR@{params['topK']} {best.value:.4f}, NDCG {best.user_attrs.get('ndcg', math.nan):.4f} "
-          f"by {params['select_by']}" + (f", epoch {epoch}" if epoch else ""))
-    assigned = best.user_attrs["assigned"]
-    print("reproduce it through the pipeline:\n  " + dvc_command(assigned))
-    if apply:
-        write_params(Path(PARAMS_FILE), assigned)
-        print(f"wrote these values into {PARAMS_FILE}")
+    t = best[0]
+    epoch = t.user_attrs.get("epoch")
+    print(f"best: trial {t.number}: validation HR@{params['topK']} {t.value:.4f}, NDCG "
+          f"{t.user_attrs.get('ndcg', math.nan):.4f} by {params['select_by']}" + (f", epoch {epoch}" if epoch else "")
+          + f"; trained in {t.user_attrs['train_s']:.1f} s")
+    print("run it through the pipeline:\n  " + dvc_command(t.user_attrs["assigned"]))
+
+
+def draw(study, directory: Path = PICTURES) -> list[Path]:
+    """The study's pictures, as PNG files in `directory`: optimisation history, parameter importances
+    (with two or more complete trials), and validation HR against training seconds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as views
+
+    directory.mkdir(parents=True, exist_ok=True)
+    complete = [t for t in finished(study) if t.value is not None]
+    written = []
+
+    def save(kind: str, axes) -> None:
+        path = directory / f"{study.study_name}-{kind}.png"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            axes.figure.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(axes.figure)
+        written.append(path)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna marks its matplotlib views experimental
+        if complete:
+            save("history", views.plot_optimization_history(study))
+        if len(complete) >= 2 and len({json.dumps(t.params, sort_keys=True) for t in complete}) >= 2:
+            save("importances", views.plot_param_importances(study))
+    timed = [t for t in complete if "train_s" in t.user_attrs]
+    if timed:
+        fig, axes = plt.subplots(figsize=(6, 4))
+        for ok, marker, label in ((True, "o", "feasible"), (False, "x", "over --max-seconds")):
+            pts = [(t.user_attrs["train_s"], t.value) for t in timed if feasible_trial(t) == ok]
+            if pts:
+                axes.scatter(*zip(*pts), marker=marker, label=label)
+        if study.user_attrs.get("max_seconds"):
+            axes.axvline(study.user_attrs["max_seconds"], linestyle="--", color="grey")
+        axes.set_xlabel("training seconds")
+        axes.set_ylabel("validation HR")
+        axes.set_title(f"{study.study_name}: quality against cost")
+        axes.legend()
+        save("seconds", axes)
+    return written
+
+
+# ----------------------------------------------------------------------------- before and after
+
+def _git(args: list[str]) -> str:
+    proc = subprocess.run(["git", *args], capture_output=True, text=True)
+    if proc.returncode:
+        raise PipelineError(f"git {' '.join(args)}: {(proc.stderr or proc.stdout).strip().splitlines()[-1]}")
+    return proc.stdout.rstrip()  # a porcelain line starts with a space
+
+
+def head_commit() -> str:
+    """HEAD's commit, once params.yaml and pipeline/ are checked to be HEAD's (else a one-line error)."""
+    try:
+        commit = _git(["rev-parse", "--verify", "HEAD"])
+    except PipelineError as err:
+        raise PipelineError(f"a trial trains what HEAD says, and there is no commit here ({err}); commit first") from None
+    changed = [line[3:] for line in _git(["status", "--porcelain", "--untracked-files=all", "--", *TRAINED])
+               .splitlines()]
+    if changed:
+        raise PipelineError(f"{', '.join(changed)}: differ from HEAD; commit or stash them first (a trial must "
+                            "train what HEAD says, and its promoted experiment is HEAD plus the trial's values)")
+    return commit
+
+
+def promote(study, count: int) -> list[str]:
+    """Run the best `count` trials through the real pipeline as DVC experiments; return their names."""
+    names = []
+    for t in ranked(study)[:count]:
+        name = f"{study.study_name}-{t.number}"
+        args = [sys.executable, "-m", "dvc", "exp", "run", "--temp", "-n", name, *set_options(t.user_attrs["assigned"])]
+        log.info("promoting trial %d: %s", t.number, " ".join(["dvc", *args[3:]]))
+        proc = subprocess.run(args, capture_output=True, text=True)
+        if proc.returncode:
+            lines = (proc.stderr or proc.stdout).strip().splitlines() or ["no output"]
+            why = next((ln for ln in lines if "ERROR" in ln), lines[-1])
+            raise PipelineError(f"promoting trial {t.number} as experiment {name!r} failed: {why.strip()}")
+        names.append(name)
+        print(f"promoted trial {t.number} as DVC experiment {name!r}: python -m pipeline.compare HEAD {name}")
+    return names
 
 
 def run_workers(argv: list[str], workers: int) -> None:
-    """Start `workers` processes of this command (--worker 0..K-1) and wait; a failed one stops all."""
-    base = [a for a in argv if a != "--apply"]
-    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.tune", *base, "--workers", "1", "--worker", str(i),
+    """Run `workers` processes of this command (--worker 0..K-1) on one storage; wait for every one.
+    (Each is quiet: this process prints the summary, and promotes or applies.)"""
+    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.tune", *argv, "--workers", "1", "--worker", str(i),
                                "--quiet-summary"]) for i in range(workers)]
-    failed = None
     try:
-        while procs and failed is None:
-            for proc in list(procs):
-                code = proc.poll()
-                if code is not None:
-                    procs.remove(proc)
-                    failed = failed if not code else code
-            time.sleep(0.2)
-    finally:  # Ctrl-C reached the workers too; a failure stops the others the same way: each ends its trial
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
+        codes = [proc.wait() for proc in procs]
+    finally:  # Ctrl-C reaches the workers too: each fails its running trial and ends
         for proc in procs:
             proc.wait()
-    if failed is not None:
-        raise PipelineError(f"a tune worker exited with status {failed}; the others were stopped")
+    if any(codes):
+        raise PipelineError(f"tune workers exited with status {', '.join(map(str, codes))}; the study keeps the "
+                            "finished trials")
 
 
 def main() -> None:
@@ -532,6 +439,7 @@ def main() -> None:
     parser.add_argument("model", help="one of " + ", ".join(list_models()))
     parser.add_argument("--trials", type=int, required=True, help="finished trials the study should have, in all")
     parser.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    parser.add_argument("--max-seconds", type=float, help="a trial that trains longer than this is infeasible")
     parser.add_argument("--storage", help=f"an Optuna storage URL (default: the journal file {DEFAULT_STORAGE})")
     parser.add_argument("--study", help="the study's name (default: tune-MODEL); the same name resumes it")
     parser.add_argument("--workers", type=int, default=1, help="worker processes on this machine, sharing the study")
@@ -539,59 +447,67 @@ def main() -> None:
     parser.add_argument("--pruner", choices=PRUNERS, default="median", help="stops poor trials early (default median)")
     parser.add_argument("--space", action="append", default=[], metavar="KEY=RANGE",
                         help="replace a knob's range: KEY=LOW:HIGH, KEY=LOW:HIGH:log or KEY=[A,B,...]")
+    parser.add_argument("--promote", type=int, default=0, metavar="K",
+                        help="run the best K trials through the pipeline as DVC experiments")
     parser.add_argument("--apply", action="store_true", help="write the best trial's values into params.yaml")
-    parser.add_argument("--no-save", action="store_true", help="do not save trials as DVC experiments")
     parser.add_argument("--quiet-summary", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     name = args.model
     if name not in list_models():
         raise PipelineError(f"no model {name!r}: pipeline/models/ has {', '.join(list_models())}")
-    if args.trials < 1 or args.workers < 1 or args.worker < 0 or (args.timeout is not None and args.timeout <= 0):
-        raise PipelineError("--trials and --workers must be at least 1, --worker at least 0, --timeout positive")
+    if args.trials < 1 or args.workers < 1 or args.worker < 0 or args.promote < 0 or any(
+            x is not None and x <= 0 for x in (args.timeout, args.max_seconds)):
+        raise PipelineError("--trials and --workers must be at least 1, --worker and --promote at least 0, "
+                            "--timeout and --max-seconds positive")
     space = space_of(name, dict(parse_space(text) for text in args.space))
     params = load_params(models=(name,))
+    commit = head_commit()
     import yaml
     raw = yaml.safe_load(Path(PARAMS_FILE).read_text(encoding="utf-8"))
     import optuna
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-    logging.getLogger("training").setLevel(logging.WARNING)  # a line per trial, not per epoch
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # log_trial says what happened, in one line each
+    for quiet in ("training", "train"):
+        logging.getLogger(quiet).setLevel(logging.WARNING)  # a line per trial, not per epoch
     storage = open_storage(args.storage)
     study_name = args.study or f"tune-{name}"
-    cls = get_model(name)
-    epochs = model_section(params, name).get("epochs") if cls.neural else None
+    epochs = model_section(params, name).get("epochs") if get_model(name).neural else None
+    # Seeded per worker and per resumption (two workers, or a resumed study, must not repeat draws)
+    seed = params["seed"] + 1000 * args.worker
     try:
         study = optuna.create_study(storage=storage, study_name=study_name, direction="maximize",
                                     pruner=make_pruner(args.pruner, epochs), load_if_exists=True)
+        study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials), constant_liar=True)
     except Exception as err:
-        if isinstance(err, PipelineError):
-            raise
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise PipelineError(f"--storage: cannot open study {study_name!r}: {first}") from None
-    check_study(study, name, space, params)
-    fail_dead(study)
-    # Seeded per worker and per resumption (a resumed study must not repeat its first trials' draws)
-    study.sampler = optuna.samplers.TPESampler(seed=params["seed"] + 1000 * args.worker + len(study.trials))
+    check_study(study, name, space, params, args.max_seconds)
     if args.workers > 1:
         run_workers(sys.argv[1:], args.workers)
-    else:
+    elif len(finished(study)) < args.trials:
         configure_torch()
-        saver = None if args.no_save else Saver(Path.cwd(), name)
-        Path(DEFAULT_STORAGE).parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="tune-", dir=Path(DEFAULT_STORAGE).parent) as scratch:
-            heartbeat = storage if isinstance(storage, optuna.storages.RDBStorage) else None
-            trials = Trials(name, params, raw, space, study_name, saver, Path(scratch), heartbeat)
-            log.info("%s: %d finished trials of %d; searching %s", study_name, len(finished(study)), args.trials,
-                     ", ".join(f"{k} {v.describe()}" for k, v in space.items()))
-            try:
-                search(study, trials, args.trials, args.timeout)
-            except KeyboardInterrupt:
-                log.warning("interrupted: %d finished trials are kept in %r; the same command resumes it",
-                            len(finished(study)), study_name)
-                raise
-    if not args.quiet_summary:
-        report(study, name, params, args.apply)
+        objective = Objective(name, params, raw, space, args.max_seconds, commit, args.worker)
+        log.info("%s: %d finished trials of %d; searching %s", study_name, len(finished(study)), args.trials,
+                 ", ".join(f"{k} {v.describe()}" for k, v in space.items()))
+        try:
+            study.optimize(objective, timeout=args.timeout, catch=(PipelineError,), callbacks=[
+                MaxTrialsCallback(args.trials, states=(TrialState.COMPLETE, TrialState.PRUNED)), log_trial])
+        except KeyboardInterrupt:
+            log.warning("interrupted: %d finished trials are kept in %r; the same command resumes it",
+                        len(finished(study)), study_name)
+            raise
+    if args.quiet_summary:
+        return
+    summary(study, params)
+    for path in draw(study):
+        print(f"wrote {path}")
+    if args.promote:
+        promote(study, args.promote)
+    if args.apply and ranked(study):
+        write_params(Path(PARAMS_FILE), ranked(study)[0].user_attrs["assigned"])
+        print(f"wrote the best trial's values into {PARAMS_FILE}")
 
 
 if __name__ == "__main__":

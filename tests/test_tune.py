@@ -1,14 +1,17 @@
-"""`python -m pipeline.tune`: an Optuna search on validation, each trial a DVC experiment.
+"""`python -m pipeline.tune`: Optuna's own loop on validation; the best trials promoted to real runs.
 
 The unit tests check the search space (parse_space, space_of), the sampled values (suggest), the
-params.yaml keys a trial sets (assignments), the printed command (dvc_command) and the comment-keeping
-rewrite of params.yaml (write_params). The rest run the command for real, as a subprocess, in ONE
-temporary git repository holding the pipeline and the tiny dataset (`models: [mf]`, `fused: []`,
-`dvc repro`, committed): bad input is a one-line error that writes nothing; the test pairs and
-candidates are never opened; each finished trial is a DVC experiment of the commit (its params, its
-validation metrics, no test metrics) and the printed `dvc exp run -S ...` reproduces the best one bit
-for bit; `--trials` is the study's budget (a rerun resumes, two workers share it); Ctrl-C keeps the
-finished trials and leaves no trace; a real PostgreSQL server as the storage; `--apply`.
+params.yaml keys a trial sets (assignments), the printed command (dvc_command), the comment-keeping
+rewrite of params.yaml (write_params) and the pruner's warm-up. The rest run the command for real,
+as a subprocess, in ONE temporary git repository holding the pipeline and the tiny dataset
+(`models: [mf]`, `fused: []`, `dvc repro`, committed): bad input is a one-line error that writes
+nothing; a search refuses params.yaml or code that differ from HEAD (an uncommitted seed); the test
+pairs and candidates are never opened; a trial is no DVC experiment, and compare refuses a revision
+whose ranks are another run's; the pruner is told the value the objective returns; every trial
+records its seconds, and --max-seconds makes slower ones infeasible; each study draws its pictures;
+`--trials` is the study's budget (a rerun resumes, two workers share it, and a diverging trial fails
+alone); `--promote` runs the best trials through the pipeline, never over a used name; Ctrl-C keeps
+the finished trials; a real PostgreSQL server as the storage; `--apply`.
 """
 from __future__ import annotations
 
@@ -29,13 +32,13 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, set_params
 from dvc_project import DVC, dvc_env, make_project, restore, run
 
 from pipeline.common import PipelineError
 from pipeline.models import get as get_model
 from pipeline.params import Search
-from pipeline.tune import assignments, dvc_command, parse_space, space_of, suggest, write_params
+from pipeline.tune import WARMUP, assignments, dvc_command, make_pruner, parse_space, space_of, suggest, write_params
 
 JOURNAL = "data/tune/journal.log"
 TUNE_TIMEOUT = 300  # seconds for one tune command on the tiny data (a few trials of 2 epochs)
@@ -290,12 +293,6 @@ def finished(study) -> list:
     return [t for t in study.get_trials() if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
 
 
-def exp_refs(root: Path, env: dict) -> dict[str, str]:
-    """{experiment name: its ref} of every DVC experiment ref in the repo."""
-    out = run("git for-each-ref --format='%(refname)' refs/exps", root, env, stdout_only=True)
-    return {ref.rsplit("/", 1)[1]: ref for ref in out.split()}
-
-
 def snapshot(root: Path, env: dict) -> dict:
     """What a failed or interrupted command must leave as it was."""
     journal = root / JOURNAL
@@ -307,25 +304,16 @@ def snapshot(root: Path, env: dict) -> dict:
             "tune scratch": sorted(p.name for p in (root / ".dvc" / "tmp").glob("tune-*"))}
 
 
-def assert_clean(root: Path, env: dict) -> None:
-    """One worktree (the main one), no temporary tune-* folder left in .dvc/tmp or data/tune."""
-    trees = [line for line in run("git worktree list --porcelain", root, env, stdout_only=True).splitlines()
-             if line.startswith("worktree ")]
-    assert trees == [f"worktree {root}"], trees
-    assert not list((root / ".dvc" / "tmp").glob("tune-*"))
-    assert not list((root / "data" / "tune").glob("tune-*"))
-
-
-def best_line(out: str) -> tuple[int, float, str | None]:
-    """(trial number, printed HR, experiment name or None) of the printed best trial."""
-    match = re.search(r"^best: trial (\d+)(?: \(experiment (\S+)\))?: validation HR@\d+ (\d\.\d{4}), ", out, re.M)
+def best_line(out: str) -> tuple[int, float, float]:
+    """(trial number, printed HR, printed training seconds) of the printed best trial."""
+    match = re.search(r"^best: trial (\d+): validation HR@\d+ (\d\.\d{4}), .*; trained in ([\d.]+) s$", out, re.M)
     assert match, out
-    return int(match.group(1)), float(match.group(3)), match.group(2)
+    return int(match.group(1)), float(match.group(2)), float(match.group(3))
 
 
 def reproduce_line(out: str) -> str:
     lines = out.splitlines()
-    i = lines.index("reproduce it through the pipeline:")
+    i = lines.index("run it through the pipeline:")
     command = lines[i + 1].strip()
     assert command.startswith("dvc exp run -S "), out
     return command
@@ -396,7 +384,7 @@ def test_the_search_never_needs_the_test_data(root, env, tmp_path) -> None:
         for i, path in enumerate(hidden):
             shutil.move(path, tmp_path / f"{i}-{path.name}")
             moved.append(path)
-        out = ok(tune(root, env, "mf", "--trials", "2", "--no-save", "--study", "notest"))
+        out = ok(tune(root, env, "mf", "--trials", "2", "--study", "notest"))
     finally:
         for i, path in enumerate(moved):
             shutil.move(tmp_path / f"{i}-{path.name}", path)
@@ -411,7 +399,7 @@ def hook(event, args):
     if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
         opened.append(os.fsdecode(args[0]))
 sys.addaudithook(hook)
-sys.argv = ["pipeline.tune", "mf", "--trials", "1", "--no-save", "--study", "audit"]
+sys.argv = ["pipeline.tune", "mf", "--trials", "1", "--study", "audit"]
 from pipeline.common import run_stage
 from pipeline.tune import main
 try:
@@ -440,7 +428,29 @@ def test_no_test_file_is_opened(root, env) -> None:
     assert not bad, bad
 
 
-# ----------------------------------------------------------------------------- trials are DVC experiments
+# ----------------------------------------------------------------------------- what a trial is
+
+def test_the_pruner_waits_a_stated_fraction_of_the_epochs() -> None:
+    import optuna
+
+    from pipeline.training import EpochStats  # noqa: F401  (the rows the objective reports)
+
+    study = optuna.create_study(direction="maximize", pruner=make_pruner("median", 20))
+    for _ in range(5):  # five complete trials whose curves reach 0.9 at every step
+        t = study.ask()
+        for step in range(1, 21):
+            t.report(0.9, step)
+        study.tell(t, 0.9)
+    t = study.ask()
+    warmup = int(WARMUP * 20)
+    for step in range(1, warmup):
+        t.report(0.1, step)  # far below the median, but still warming up
+        assert not t.should_prune(), step
+    t.report(0.1, warmup)
+    assert t.should_prune()
+    assert make_pruner("none", 20).__class__.__name__ == "NopPruner"
+    assert make_pruner("median", None).__class__.__name__ == "NopPruner"  # a closed-form model
+
 
 @pytest.fixture(scope="module")
 def s1(root, env) -> SimpleNamespace:
@@ -451,57 +461,146 @@ def s1(root, env) -> SimpleNamespace:
                            trials={t.number: t for t in finished(load(root, "s1"))})
 
 
-def shown_experiments(root: Path, env: dict) -> dict[str, dict]:
-    shown = json.loads(run(f"{DVC} exp show --json", root, env, stdout_only=True))
-    return {e["name"]: e["revs"][0]["data"] for rev in shown for e in (rev.get("experiments") or [])}
-
-
-def test_each_trial_is_a_dvc_experiment(root, env, s1) -> None:
+def test_a_trial_is_not_a_dvc_experiment_and_touches_nothing(root, env, s1) -> None:
     assert "study 's1': 3 finished trials" in s1.out, s1.out
     assert sorted(s1.trials) == [0, 1, 2]
-    shown = shown_experiments(root, env)
-    assert {name for name in shown if name.startswith("s1-")} == {"s1-0", "s1-1", "s1-2"}, list(shown)
-    head = yaml.safe_load((root / "params.yaml").read_text())
-    for number, trial in s1.trials.items():
-        data = shown[f"s1-{number}"]
-        assert trial.user_attrs["experiment"] == f"s1-{number}"
-        assigned = trial.user_attrs["assigned"]
-        assert set(assigned) == {"mf.factors", "mf.lr", "mf.weight_decay", "mf.negatives"}, assigned
-        params = data["params"]["params.yaml"]["data"]
-        expected = {**head, "mf": {**head["mf"], **{k.split(".")[1]: v for k, v in assigned.items()}}}
-        assert params == expected, (number, params, assigned)
-        metrics = data["metrics"]
-        assert "metrics/training/mf/metrics.json" in metrics, list(metrics)
-        assert "metrics/test/mf.json" not in metrics, list(metrics)
-        summary = metrics["metrics/training/mf/metrics.json"]["data"]
-        if trial.value is not None:  # complete (a pruned trial has no value)
-            assert summary["hr"] == pytest.approx(trial.value, abs=1e-6), (summary, trial.value)
-        assert summary["ndcg"] == pytest.approx(trial.user_attrs["ndcg"], abs=1e-6), summary
-        assert summary["epoch"] == trial.user_attrs["epoch"], summary
-    # the search did not touch the workspace, and left no worktree
+    assert s1.after["refs/exps"] == s1.before["refs/exps"]  # no experiment that is not a real run
     assert s1.after["git status"] == s1.before["git status"] == ""
     assert s1.after["params.yaml"] == s1.before["params.yaml"]
-    assert_clean(root, env)
+    head = run("git rev-parse HEAD", root, env, stdout_only=True).strip()
+    for trial in s1.trials.values():
+        assert set(trial.user_attrs["assigned"]) == {"mf.factors", "mf.lr", "mf.weight_decay", "mf.negatives"}
+        assert trial.user_attrs["commit"] == head
 
 
-def test_the_printed_command_reproduces_the_best_trial(root, env, s1) -> None:
-    number, hr, experiment = best_line(s1.out)
+def test_the_pruner_is_told_the_objectives_value(s1) -> None:
+    """Each epoch reports the best validation HR so far (what the trial returns), never a raw epoch's."""
+    for trial in s1.trials.values():
+        steps = sorted(trial.intermediate_values)
+        values = [trial.intermediate_values[s] for s in steps]
+        assert steps == list(range(1, len(steps) + 1)), steps
+        assert values == sorted(values), (trial.number, values)  # a running best never falls
+        if trial.value is not None:
+            assert values[-1] == trial.value, (trial.number, values, trial.value)
+
+
+def test_every_trial_records_its_training_seconds(s1) -> None:
+    number, hr, seconds = best_line(s1.out)
     complete = {n: t for n, t in s1.trials.items() if t.value is not None}
     assert number == max(complete, key=lambda n: (complete[n].value, complete[n].user_attrs["ndcg"], -n))
-    assert experiment == f"s1-{number}" and hr == pytest.approx(complete[number].value, abs=5e-5)
-    command = reproduce_line(s1.out)
-    assert command == dvc_command(complete[number].user_attrs["assigned"]), command
-    ref = exp_refs(root, env)[experiment]
-    trial_metrics = run(f"git show {ref}:metrics/training/mf/metrics.json", root, env, stdout_only=True)
+    assert hr == pytest.approx(complete[number].value, abs=5e-5)
+    assert seconds == pytest.approx(complete[number].user_attrs["train_s"], abs=0.05)
+    assert all(0 < t.user_attrs["train_s"] < TUNE_TIMEOUT for t in s1.trials.values())
+    assert reproduce_line(s1.out) == dvc_command(complete[number].user_attrs["assigned"])
+
+
+def test_each_study_draws_its_pictures(root, s1) -> None:
+    from PIL import Image
+
+    for kind in ("history", "importances", "seconds"):
+        path = root / "data" / "tune" / f"s1-{kind}.png"
+        assert f"wrote data/tune/s1-{kind}.png" in s1.out, s1.out
+        with Image.open(path) as image:
+            assert image.width > 200 and image.height > 150, (kind, image.size)
+
+
+def test_max_seconds_makes_slower_trials_infeasible(root, env) -> None:
+    out = ok(tune(root, env, "mf", "--trials", "2", "--study", "fast", "--max-seconds", "0.001"))
+    study = load(root, "fast")
+    assert all(t.constraints["train_time"] > 0 for t in finished(study))
+    assert "no complete trial within --max-seconds" in out, out
+    assert "best:" not in out
+    roomy = ok(tune(root, env, "mf", "--trials", "2", "--study", "roomy", "--max-seconds", "1000"))
+    assert all(t.constraints["train_time"] <= 0 for t in finished(load(root, "roomy")))
+    best_line(roomy)
+    refused = tune(root, env, "mf", "--trials", "3", "--study", "fast", "--max-seconds", "5", timeout=60)
+    assert "another max_seconds" in one_line_error(refused)
+
+
+def test_an_uncommitted_params_yaml_or_code_is_refused(root, env) -> None:
+    """With `seed: 7` in params.yaml and not committed, a trial would train with 7 while HEAD says 42."""
+    path = root / "params.yaml"
+    committed = path.read_bytes()
+    code = root / "pipeline" / "models" / "mf.py"
+    source = code.read_bytes()
     try:
-        run(f"{DVC} " + command[len("dvc "):], root, env)
-        reproduced = (root / "metrics/training/mf/metrics.json").read_text()
+        path.write_text(re.sub(r"(?m)^seed: \d+", "seed: 7", committed.decode()))
+        before = snapshot(root, env)
+        line = one_line_error(tune(root, env, "mf", "--trials", "1", "--study", "dirty", timeout=60))
+        assert snapshot(root, env) == before
+        assert "params.yaml: differ from HEAD" in line, line
+        path.write_bytes(committed)
+        code.write_bytes(source + b"\n# an edit\n")
+        line = one_line_error(tune(root, env, "mf", "--trials", "1", "--study", "dirty", timeout=60))
+        assert "pipeline/models/mf.py: differ from HEAD" in line, line
+    finally:
+        path.write_bytes(committed)
+        code.write_bytes(source)
+    assert run("git status --porcelain", root, env, stdout_only=True) == ""
+
+
+def test_compare_refuses_a_revision_whose_ranks_are_another_runs(root, env) -> None:
+    """A commit of params.yaml without `dvc repro` (what a trial experiment used to be): its dvc.lock
+    names the base run's ranks; compare refuses it by name instead of reading them."""
+    try:
+        run("git checkout -q -b trialrev", root, env)
         params = yaml.safe_load((root / "params.yaml").read_text())
+        set_params(root, **{"mf.lr": params["mf"]["lr"] * 2})
+        run("git commit -q -am 'mf.lr doubled, not reproduced'", root, env)
+        proc = subprocess.run([sys.executable, "-m", "pipeline.compare", "main", "trialrev"], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=120)
     finally:
         restore(root, env)
-    assert reproduced == trial_metrics  # the same computation: the same bytes
-    assigned = complete[number].user_attrs["assigned"]
-    assert {f"mf.{k}": v for k, v in params["mf"].items() if f"mf.{k}" in assigned} == assigned
+        run("git branch -q -D trialrev", root, env)
+    line = one_line_error(proc)
+    assert line.startswith("error: trialrev: its data/ranks.npz is not its own run: params.yaml mf differ"), line
+
+
+def test_promote_runs_the_best_trials_through_the_pipeline(root, env, s1) -> None:
+    import dvc.api
+
+    before = snapshot(root, env)
+    out = ok(tune(root, env, "mf", "--trials", "3", "--study", "s1", "--promote", "1"))  # the study is complete
+    number, _, _ = best_line(out)
+    name = f"s1-{number}"
+    assert f"promoted trial {number} as DVC experiment {name!r}" in out, out
+    assert snapshot(root, env)["git status"] == before["git status"] == ""
+    shown = json.loads(run(f"{DVC} exp show --json", root, env, stdout_only=True))
+    exps = {e["name"]: e["revs"][0]["data"] for rev in shown for e in (rev.get("experiments") or [])}
+    data = exps[name]
+    trial = load(root, "s1").trials[number]
+    mf = data["params"]["params.yaml"]["data"]["mf"]
+    assert {f"mf.{k}": v for k, v in mf.items() if f"mf.{k}" in trial.user_attrs["assigned"]} == \
+        trial.user_attrs["assigned"]
+    # its own run: its validation metrics are the trial's, bit for bit, and it has test metrics and ranks
+    summary = data["metrics"]["metrics/training/mf/metrics.json"]["data"]
+    assert summary["hr"] == pytest.approx(trial.value, abs=1e-6) and summary["epoch"] == trial.user_attrs["epoch"]
+    assert "metrics/test/mf.json" in data["metrics"]
+    ours = dvc.api.read("data/ranks.npz", repo=str(root), rev=name, mode="rb")
+    assert ours != dvc.api.read("data/ranks.npz", repo=str(root), rev="main", mode="rb")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.compare", "main", name], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("MF ") and "HR@" in line)
+    assert "the same for every user" not in row, proc.stdout
+
+
+def test_a_used_experiment_name_is_never_overwritten(root, env, s1) -> None:
+    """The study started again under its name (its journal removed): its trial 0 would be promoted as
+    s1-0 again; an experiment of that name exists (or is made now), and is kept as it was."""
+    journal = root / JOURNAL
+    saved = journal.read_bytes()
+    try:
+        if "s1-0" not in run(f"{DVC} exp list --name-only", root, env, stdout_only=True).split():
+            run(f"{DVC} exp run --temp -n s1-0 -S mf.lr=0.003", root, env)
+        ref_before = run(f"{DVC} exp list --name-only", root, env, stdout_only=True)
+        journal.unlink()
+        proc = tune(root, env, "mf", "--trials", "1", "--study", "s1", "--promote", "1")
+        assert proc.returncode == 2, proc.stderr
+        assert "promoting trial 0 as experiment 's1-0' failed" in proc.stderr.strip().splitlines()[-1], proc.stderr
+        assert run(f"{DVC} exp list --name-only", root, env, stdout_only=True) == ref_before
+    finally:
+        journal.write_bytes(saved)
 
 
 @pytest.fixture(scope="module")
@@ -514,11 +613,6 @@ def test_a_rerun_resumes_the_study_up_to_its_budget(root, env, s1, s1_resumed) -
     assert "study 's1': 5 finished trials" in s1_resumed.out, s1_resumed.out
     assert len(s1_resumed.trials) == 5
     assert set(s1.trials) < set(s1_resumed.trials)
-    added = set(s1_resumed.trials) - set(s1.trials)
-    assert len(added) == 2, added
-    refs = exp_refs(root, env)
-    assert {f"s1-{n}" for n in s1_resumed.trials} <= set(refs)
-    assert_clean(root, env)
 
 
 def test_a_resumed_study_samples_new_configurations(s1, s1_resumed) -> None:
@@ -538,35 +632,63 @@ def test_two_workers_share_the_budget(root, env) -> None:
     study = load(root, "par")
     trials = study.get_trials()
     done = finished(study)
-    assert len(done) == 6, [(t.number, t.state) for t in trials]
-    assert len({t.number for t in done}) == 6
-    assert sum(t.state == TrialState.FAIL for t in trials) <= 1, [(t.number, t.state) for t in trials]
-    assert not [t for t in trials if t.state not in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)]
-    assert len({t.user_attrs["worker"] for t in done}) == 2, [t.user_attrs.get("worker") for t in done]
-    refs = exp_refs(root, env)
-    assert {f"par-{t.number}" for t in done} <= set(refs), sorted(refs)
-    assert not {f"par-{t.number}" for t in trials if t not in done} & set(refs)
-    assert "study 'par': 6 finished trials" in out, out
+    # MaxTrialsCallback stops each worker after the trial it is running: up to N + K - 1
+    assert 6 <= len(done) <= 7, [(t.number, t.state) for t in trials]
+    assert not [t for t in trials if t.state not in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert {t.user_attrs["worker"] for t in done} == {0, 1}
+    assert f"study 'par': {len(done)} finished trials" in out, out
     number, hr, _ = best_line(out)
     complete = [t for t in done if t.state == TrialState.COMPLETE]
     assert hr == pytest.approx(round(max(t.value for t in complete), 4), abs=1e-9), out
-    assert study.trials[number].value == max(t.value for t in complete)
     assert run("git status --porcelain", root, env, stdout_only=True) == ""
-    assert_clean(root, env)
+
+
+DIVERGING_WORKER = r"""
+import sys
+import pipeline.train
+import pipeline.tune as tune
+from pipeline.common import PipelineError, run_stage
+real, calls = pipeline.train.train_model, []
+def train_model(name, *args, **kwargs):  # this worker's second trial diverges
+    calls.append(1)
+    if len(calls) == 2:
+        raise PipelineError(f"{name}: the training loss is nan at epoch 1: lower the learning rate")
+    return real(name, *args, **kwargs)
+pipeline.train.train_model = train_model
+sys.argv = ["pipeline.tune", "mf", "--trials", "6", "--study", "div", "--worker", sys.argv[1]]
+run_stage(tune.main)
+"""
+
+
+def test_a_diverging_trial_fails_alone(root, env) -> None:
+    """Two workers on one journal file; one trial of each raises PipelineError: both are marked failed
+    with their reason, and the search goes on to its budget of finished trials."""
+    from optuna.trial import TrialState
+
+    procs = [subprocess.Popen([sys.executable, "-c", DIVERGING_WORKER, str(i)], cwd=root, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    outs = [proc.communicate(timeout=TUNE_TIMEOUT) for proc in procs]
+    for proc, (out, err) in zip(procs, outs):
+        assert proc.returncode == 0, err
+        assert re.search(r"trial \d+ failed: mf: the training loss is nan at epoch 1", err), err
+        assert "Traceback" not in err, err
+    trials = load(root, "div").get_trials()
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(failed) == 2 and all("loss is nan" in t.user_attrs["error"] for t in failed), failed
+    assert 6 <= len([t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) <= 7
 
 
 # ----------------------------------------------------------------------------- Ctrl-C
 
 def training(study) -> bool:
-    """Whether a trial is running past its start (its values chosen: Trials.run has begun)."""
+    """Whether a trial is running past its start (its values chosen: the objective has begun)."""
     from optuna.trial import TrialState
     return any(t.state == TrialState.RUNNING and "assigned" in t.user_attrs for t in study.get_trials())
 
 
 def test_ctrl_c_keeps_the_finished_trials(root, env) -> None:
-    """Ctrl-C once a trial has finished and the next one is training. (A Ctrl-C while a trial is being
-    created is test_ctrl_c_while_a_trial_is_created_leaves_no_running_trial: a poll that sees the first
-    trial finish sends it just then, as the next trial is asked for.)"""
+    """Ctrl-C once a trial has finished and the next one is training: the running one is failed (not
+    counted), the finished ones kept, and the same command resumes."""
     from optuna.trial import TrialState
 
     before = snapshot(root, env)
@@ -598,64 +720,10 @@ def test_ctrl_c_keeps_the_finished_trials(root, env) -> None:
     assert not [t for t in study.get_trials() if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     after = snapshot(root, env)
     assert after["params.yaml"] == before["params.yaml"] and after["git status"] == before["git status"] == ""
-    assert after["tune scratch"] == [] and after["worktrees"] == before["worktrees"]
-    assert_clean(root, env)
     k = len(done) + 1
     out = ok(tune(root, env, "mf", "--trials", str(k), "--study", "intr"))
     assert len(finished(load(root, "intr"))) == k, out
     assert f"study 'intr': {k} finished trials" in out, out
-
-
-CUT_IN_SAVE = r"""
-import os, signal, sys
-import pipeline.tune as tune
-from pipeline.common import run_stage
-original = tune.write_params
-def write_params(path, assigned):  # Ctrl-C while the trial is being saved (inside sigint_deferred)
-    os.kill(os.getpid(), signal.SIGINT)
-    return original(path, assigned)
-tune.write_params = write_params
-sys.argv = ["pipeline.tune", "mf", "--trials", "3", "--study", "cut"]
-run_stage(tune.main)
-"""
-
-
-def test_ctrl_c_during_a_save_leaves_no_experiment_of_an_uncounted_trial(root, env) -> None:
-    proc = subprocess.run([sys.executable, "-c", CUT_IN_SAVE], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=TUNE_TIMEOUT)
-    if proc.returncode != 130:
-        pytest.fail(f"exit {proc.returncode}: {proc.stderr}")
-    assert_clean(root, env)
-    names = {f"cut-{t.number}" for t in finished(load(root, "cut"))}
-    assert {name for name in exp_refs(root, env) if name.startswith("cut-")} == names
-
-
-CUT_IN_ASK = r"""
-import os, signal, sys
-import optuna
-import pipeline.tune as tune
-from pipeline.common import run_stage
-original, calls = optuna.study.Study.ask, []
-def ask(self, *args, **kwargs):  # Ctrl-C while the second trial is being created (inside sigint_deferred)
-    calls.append(1)
-    if len(calls) == 2:
-        os.kill(os.getpid(), signal.SIGINT)
-    return original(self, *args, **kwargs)
-optuna.study.Study.ask = ask
-sys.argv = ["pipeline.tune", "mf", "--trials", "3", "--study", "cutask", "--no-save"]
-run_stage(tune.main)
-"""
-
-
-def test_ctrl_c_while_a_trial_is_created_leaves_no_running_trial(root, env) -> None:
-    from optuna.trial import TrialState
-
-    proc = subprocess.run([sys.executable, "-c", CUT_IN_ASK], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=TUNE_TIMEOUT)
-    if proc.returncode != 130 or "1 finished trials are kept" not in proc.stderr:
-        pytest.fail(f"exit {proc.returncode}: {proc.stderr}")
-    trials = load(root, "cutask").get_trials()
-    assert not [(t.number, t.state, t.user_attrs) for t in trials if t.state == TrialState.RUNNING]
 
 
 # ----------------------------------------------------------------------------- PostgreSQL
@@ -725,18 +793,20 @@ def test_two_workers_on_postgresql(root, env, postgres) -> None:
     import optuna
     from optuna.trial import TrialState
 
-    refs = exp_refs(root, env)
-    out = ok(tune(root, env, "mf", "--trials", "4", "--workers", "2", "--storage", postgres, "--study", "pg",
-                  "--no-save"))
-    assert "study 'pg': 4 finished trials" in out, out
+    out = ok(tune(root, env, "mf", "--trials", "4", "--workers", "2", "--storage", postgres, "--study", "pg"))
     study = optuna.load_study(study_name="pg", storage=postgres)
     trials = study.get_trials()
-    assert len(finished(study)) == 4, [(t.number, t.state) for t in trials]
-    assert sum(t.state == TrialState.FAIL for t in trials) <= 1
+    assert 4 <= len(finished(study)) <= 5, [(t.number, t.state) for t in trials]
+    assert f"study 'pg': {len(finished(study))} finished trials" in out, out
     assert not [t for t in trials if t.state == TrialState.RUNNING]
-    assert exp_refs(root, env) == refs  # --no-save
     assert study.user_attrs["model"] == "mf"
-    assert not (root / JOURNAL).read_bytes().count(b'"pg"')  # not in the journal file
+    journal = root / JOURNAL
+    assert not journal.exists() or b'"pg"' not in journal.read_bytes()  # not in the journal file
+    # Optuna's heartbeat: a trial whose worker stopped beating is failed and run again by the next worker
+    from pipeline.tune import HEARTBEAT_S, open_storage
+    storage = open_storage(postgres)
+    assert storage.get_heartbeat_interval() == HEARTBEAT_S
+    assert isinstance(storage.get_heartbeat_stale_trial_callback(), optuna.storages.RetryHeartbeatStaleTrialCallback)
 
 
 # ----------------------------------------------------------------------------- --apply
@@ -744,16 +814,18 @@ def test_two_workers_on_postgresql(root, env, postgres) -> None:
 def test_apply_writes_the_best_values_into_params_yaml(root, env) -> None:
     path = root / "params.yaml"
     committed = path.read_bytes()
-    # a params.yaml with comments (the project's was written by yaml.safe_dump)
+    # a params.yaml with comments (the project's was written by yaml.safe_dump), committed: a search
+    # refuses a params.yaml that differs from HEAD
     text = "# the knobs\n" + committed.decode().replace("\nmf:\n", "\nmf:  # the MF section\n", 1)
     assert "mf:  # the MF section\n" in text
     try:
         path.write_text(text)
-        out = ok(tune(root, env, "mf", "--trials", "2", "--study", "ap", "--apply", "--no-save"))
+        run("git commit -q -am 'params with comments'", root, env)
+        out = ok(tune(root, env, "mf", "--trials", "2", "--study", "ap", "--apply"))
         applied = path.read_text()
     finally:
-        path.write_bytes(committed)
-    assert "wrote these values into params.yaml" in out, out
+        run("git reset -q --hard HEAD~1", root, env)
+    assert "wrote the best trial's values into params.yaml" in out, out
     command = reproduce_line(out)
     assigned = dict(part.split("=", 1) for part in re.findall(r"-S (\S+)", command))
     assert set(assigned) == {"mf.factors", "mf.lr", "mf.weight_decay", "mf.negatives"}, command
@@ -767,4 +839,4 @@ def test_apply_writes_the_best_values_into_params_yaml(root, env) -> None:
     assert len(old) == len(new) and new[0] == "# the knobs" and "mf:  # the MF section" in new
     changed = {i for i, (a, b) in enumerate(zip(old, new)) if a != b}
     assert changed <= key_lines(old, assigned), "\n".join(difflib.unified_diff(old, new, lineterm=""))
-    assert run("git status --porcelain", root, env, stdout_only=True) == ""
+    assert path.read_bytes() == committed
