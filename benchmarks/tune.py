@@ -51,7 +51,7 @@ def main() -> None:
                 study = f"bench-{model}-{pruner}-{stamp}"
                 seconds, out = run(f"python -m pipeline.tune {model} --trials {trials} --workers {args.workers} "
                                    f"--pruner {pruner} --study {study}", root)
-                finished = re.search(r"(\d+) finished trials \((\d+) complete, (\d+) pruned\)", out)
+                finished = re.search(r"(\d+) finished trials \((\d+) complete, (\d+) pruned", out)
                 best = re.search(r"validation HR@\d+ ([\d.]+)", out)
                 row = {"model": model, "pruner": pruner, "trials": int(finished.group(1)),
                        "pruned": int(finished.group(3)), "seconds": round(seconds, 1),

@@ -396,6 +396,11 @@ def head_commit() -> str:
         raise PipelineError(f"a trial trains what HEAD says, and there is no commit here ({err}); commit first") from None
     changed = [line[3:] for line in _git(["status", "--porcelain", "--untracked-files=all", "--", *TRAINED])
                .splitlines()]
+    if PARAMS_FILE in changed:  # `dvc exp run -S` rewrites the layout: the values are what a trial trains
+        import yaml
+        if yaml.safe_load(Path(PARAMS_FILE).read_text(encoding="utf-8")) == yaml.safe_load(
+                _git(["show", f"HEAD:{PARAMS_FILE}"])):
+            changed.remove(PARAMS_FILE)
     if changed:
         raise PipelineError(f"{', '.join(changed)}: differ from HEAD; commit or stash them first (a trial must "
                             "train what HEAD says, and its promoted experiment is HEAD plus the trial's values)")

@@ -36,6 +36,28 @@ def test_cuda_without_cuda_is_refused_naming_the_param() -> None:
 
 
 @needs_cuda
+def test_a_gpu_stage_turns_on_torchs_determinism() -> None:
+    """docs/scale.md: the same GPU model repeats a run's bytes (deterministic algorithms, no cuDNN
+    autotuning, no TF32, cuBLAS's fixed workspace); and two fits on the GPU give the same weights."""
+    import os
+
+    assert pick_device("cuda") == torch.device("cuda")
+    assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # set by pipeline/cpu.py before CUDA starts
+    train, candidates = small_problem()
+    states = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = MLP.from_params(40, 30, {"layers": [8, 4], "dropout": 0.1})
+        cfg = FitConfig(seed=0, lr=0.01, weight_decay=0.0, epochs=2, batch_size=16, negatives=2, topK=5)
+        state, _, _ = fit(model, train, candidates, cfg, torch.device("cuda"), "mlp")
+        states.append(state)
+    assert all(torch.equal(states[0][key], states[1][key]) for key in states[0])
+
+
+@needs_cuda
 def test_negatives_are_drawn_on_the_gpu_from_the_complement() -> None:
     train, _ = small_problem()
     device = torch.device("cuda")

@@ -529,6 +529,8 @@ def test_an_uncommitted_params_yaml_or_code_is_refused(root, env) -> None:
         line = one_line_error(tune(root, env, "mf", "--trials", "1", "--study", "dirty", timeout=60))
         assert snapshot(root, env) == before
         assert "params.yaml: differ from HEAD" in line, line
+        path.write_text(committed.decode().replace("\nseed: ", "\nseed:    ", 1))  # a layout change only
+        ok(tune(root, env, "mf", "--trials", "1", "--study", "relaid"))
         path.write_bytes(committed)
         code.write_bytes(source + b"\n# an edit\n")
         line = one_line_error(tune(root, env, "mf", "--trials", "1", "--study", "dirty", timeout=60))
