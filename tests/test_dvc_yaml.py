@@ -40,8 +40,9 @@ def imported_modules(path: str) -> set[str]:
 
 
 def closure(*paths: str) -> set[str]:
-    """The files and everything they import from pipeline/, transitively."""
-    seen, todo = set(), list(paths)
+    """The files and everything they import from pipeline/, transitively; and the package's own
+    __init__.py, which Python runs before any pipeline.<module> (it runs the CPU pin)."""
+    seen, todo = set(), ["pipeline/__init__.py", *paths]
     while todo:
         path = todo.pop()
         if path not in seen:
